@@ -1,0 +1,76 @@
+"""Small helpers every part of gptstack shares: user-facing errors and atomic file writes."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag, a config key).
+
+    The CLI prints it as one line, `error: <message>`, and exits with status 2, before any work
+    starts. The message names the file, line and key where there is one, and what was expected.
+    """
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers only ever see the old file or the whole new one.
+
+    Writes a temporary file in the same directory, fsyncs it, then renames it over `path`
+    (rename is atomic on POSIX), and fsyncs the directory so the rename itself survives a crash.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file, turning every way it can be unusable into a `UserError`.
+
+    Missing, unreadable, empty (or whitespace only) and non-UTF-8 files are rejected with the
+    file name and, for bad bytes, the line and byte offset of the first one.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8 "
+            "(expected a UTF-8 text file)"
+        ) from None
+    if not text.strip():
+        raise UserError(f"{path}: file is empty, expected text to train on")
+    return text

@@ -1,0 +1,290 @@
+"""The tokenizer: BPE ranks + a pre-split regex + special tokens, encoded by tiktoken.
+
+Encoding goes through a `tiktoken.Encoding` built from the learned ranks: tiktoken's Rust core
+is the fastest byte-level BPE encoder there is, so there is no reason to write a slower one.
+Ordinary text never becomes a special token: `encode("<|bos|>")` is the plain characters, and
+specials enter only by id (`tok.special("<|bos|>")`), so a user typing a control string into a
+chat cannot forge a turn boundary.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tiktoken
+
+from ..common import UserError, atomic_write_json
+from .bpe import PATTERNS, count_chunks, resolve_pattern, train_bpe
+
+BOS = "<|bos|>"
+USER_START, USER_END = "<|user_start|>", "<|user_end|>"
+ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
+# Separates the steps of a solution, so a process reward model can score each step's end.
+STEP = "<|step|>"
+DEFAULT_SPECIALS = (BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, STEP)
+
+FORMAT_VERSION = 1
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. Token id == BPE rank; special tokens follow the ranks."""
+
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        pattern: str | None = "gpt4",
+        special_tokens: dict[str, int] | Sequence[str] = (),
+        name: str = "gptstack",
+    ):
+        self.pattern_name = pattern if pattern in PATTERNS else ("none" if pattern is None else "custom")
+        self.pattern = resolve_pattern(pattern)
+        if not isinstance(special_tokens, dict):
+            special_tokens = {s: len(mergeable_ranks) + i for i, s in enumerate(special_tokens)}
+        self.mergeable_ranks = dict(mergeable_ranks)
+        self.special_tokens = dict(special_tokens)
+        self.name = name
+        missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
+        if missing:
+            raise UserError(f"tokenizer: byte-level BPE needs all 256 single bytes; missing {missing[:5]}...")
+        try:
+            self._enc = tiktoken.Encoding(
+                name=name,
+                pat_str=self.pattern,
+                mergeable_ranks=self.mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
+        except Exception as e:  # tiktoken's Rust regex is stricter than Python's on a few constructs
+            raise UserError(f"pattern: tiktoken cannot compile {self.pattern!r}: {e}") from None
+        self._id_to_bytes = {i: t for t, i in self.mergeable_ranks.items()}
+        self._id_to_bytes.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+
+    # --- training ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        texts: str | Iterable[str],
+        vocab_size: int,
+        pattern: str | None = "gpt4",
+        special_tokens: Sequence[str] = DEFAULT_SPECIALS,
+        progress: bool | None = None,
+        num_workers: int | None = None,
+    ) -> "Tokenizer":
+        """Train byte-level BPE so the vocabulary (bytes + merges + specials) has `vocab_size` tokens.
+
+        `pattern`: a built-in name (gpt2, gpt4, digits, none) or any regex; None = no pre-split.
+        A corpus too small to support that many merges gives a smaller vocabulary.
+        `num_workers` processes scan the text (default: all cores).
+        """
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens):
+            raise UserError(f"special_tokens: duplicates in {special_tokens}")
+        if vocab_size < 256 + len(special_tokens):
+            raise UserError(
+                f"vocab_size: {vocab_size} is too small, expected at least {256 + len(special_tokens)} "
+                f"(256 byte tokens + {len(special_tokens)} special tokens)"
+            )
+        regex_str = resolve_pattern(pattern)
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        counts = count_chunks(texts, regex_str, num_workers)
+        covered = sum(len(chunk) * n for chunk, n in counts.items())
+        total = sum(len(t) for t in texts)  # sanitizing keeps lengths: one surrogate -> one U+FFFD
+        if covered != total:
+            raise UserError(
+                f"pattern: regex {regex_str!r} leaves {total - covered} of {total} characters outside "
+                "every chunk; that text would be silently dropped by encode()"
+            )
+        chunk_counts = {chunk.encode("utf-8"): n for chunk, n in counts.items()}
+        num_merges = vocab_size - 256 - len(special_tokens)
+        vocab = train_bpe(chunk_counts, num_merges, progress=progress)
+        ranks = {token: rank for rank, token in enumerate(vocab)}
+        return cls(ranks, pattern=pattern, special_tokens=special_tokens)
+
+    # --- encoding / decoding ----------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text -> ids. Special-token strings in `text` stay plain text."""
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Many texts at once, on `num_threads` threads (tiktoken releases the GIL)."""
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._enc.decode_bytes(list(ids))
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """ids -> text; bytes that are not valid UTF-8 (a token cut mid-character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._id_to_bytes[token_id]
+
+    def special(self, name: str) -> int:
+        """The id of special token `name` (e.g. "<|bos|>")."""
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise UserError(
+                f"tokenizer has no special token {name!r}; it has {sorted(self.special_tokens)}"
+            ) from None
+
+    @property
+    def bos_id(self) -> int:
+        return self.special(BOS)
+
+    # --- chat template ----------------------------------------------------------------------
+
+    def render_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """Messages -> (ids, loss_mask) for supervised training.
+
+        <|bos|> <|user_start|> u <|user_end|> <|assistant_start|> a <|assistant_end|> ...
+        The mask is 1 exactly on assistant content and its <|assistant_end|> (what the model must
+        learn to produce, including when to stop), 0 elsewhere. A leading system message is
+        prepended to the first user turn (the model has no separate system role).
+        """
+        turns = _validate_messages(messages, final_role=None)
+        ids, mask = [self.bos_id], [0]
+        for role, content in turns:
+            if role == "user":
+                part = [self.special(USER_START), *self.encode(content), self.special(USER_END)]
+                ids += part
+                mask += [0] * len(part)
+            else:
+                body = self.encode(content)
+                ids += [self.special(ASSISTANT_START), *body, self.special(ASSISTANT_END)]
+                mask += [0] + [1] * (len(body) + 1)
+        return ids, mask
+
+    def render_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """Messages ending with a user turn -> ids ending in <|assistant_start|>, ready to sample."""
+        _validate_messages(messages, final_role="user")
+        ids, _ = self.render_conversation(messages)
+        return ids + [self.special(ASSISTANT_START)]
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write gptstack.json (ranks, pattern, specials) and tokenizer.json (HF format)."""
+        from .formats import ranks_sorted, to_huggingface
+
+        directory = Path(directory)
+        ranks = ranks_sorted(self.mergeable_ranks)
+        atomic_write_json(
+            directory / "gptstack.json",
+            {
+                "format": "gptstack-tokenizer",
+                "version": FORMAT_VERSION,
+                "name": self.name,
+                "pattern_name": self.pattern_name,
+                "pattern": self.pattern,
+                "special_tokens": self.special_tokens,
+                # [base64 token bytes, rank]; ranks of imported vocabularies need not start at 0
+                # for single bytes (GPT-2's do not), so both are stored.
+                "ranks": [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks],
+            },
+            indent=None,
+        )
+        to_huggingface(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        path = Path(directory) / "gptstack.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: no tokenizer here (expected gptstack.json from `gptstack tokenizer train`)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if data.get("format") != "gptstack-tokenizer":
+            raise UserError(f"{path}: format: expected 'gptstack-tokenizer', got {data.get('format')!r}")
+        if data.get("version", 0) > FORMAT_VERSION:
+            raise UserError(f"{path}: version {data['version']} is newer than this gptstack reads ({FORMAT_VERSION})")
+        ranks = {base64.b64decode(t): r for t, r in data["ranks"]}
+        name = data.get("pattern_name")
+        pattern = name if name in PATTERNS else data["pattern"]
+        tok = cls(ranks, pattern=pattern, special_tokens=data["special_tokens"], name=data.get("name", "gptstack"))
+        if tok.pattern != data["pattern"]:
+            raise UserError(f"{path}: pattern {name!r} differs from the stored regex; the file was edited by hand?")
+        return tok
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> "Tokenizer":
+        """GPT-2's released encoder.json + vocab.bpe -> the same ids as tiktoken's "gpt2"."""
+        from .formats import load_gpt2_files
+
+        ranks, specials = load_gpt2_files(encoder_json, vocab_bpe)
+        return cls(ranks, pattern="gpt2", special_tokens=specials, name="gpt2")
+
+    @classmethod
+    def from_tiktoken_file(
+        cls, path: str | os.PathLike, pattern: str = "cl100k", special_tokens: dict[str, int] | None = None
+    ) -> "Tokenizer":
+        """A tiktoken rank file ("<base64 token> <rank>" per line) -> a Tokenizer.
+
+        With pattern "cl100k" (and no special_tokens given) cl100k_base's specials are added, so
+        the cl100k_base.tiktoken file reproduces tiktoken's "cl100k_base" exactly.
+        """
+        from .formats import KNOWN_SPECIALS, load_tiktoken_file
+
+        ranks = load_tiktoken_file(path)
+        if special_tokens is None:
+            special_tokens = KNOWN_SPECIALS.get(pattern, lambda n: {})(len(ranks))
+        return cls(ranks, pattern=pattern, special_tokens=special_tokens, name=Path(path).stem)
+
+    def to_huggingface(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json (+ tokenizer_config.json when `path` is a directory) for HF."""
+        from .formats import to_huggingface
+
+        return to_huggingface(self, path)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, pattern={self.pattern_name}, "
+                f"specials={len(self.special_tokens)})")
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _validate_messages(messages: Sequence[dict], final_role: str | None) -> list[tuple[str, str]]:
+    """Check roles alternate user/assistant (after an optional leading system message) and
+    return (role, content) turns with the system message folded into the first user turn."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError("messages: expected a non-empty list of {'role', 'content'} dicts")
+    turns: list[tuple[str, str]] = []
+    system = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
+        role, content = m["role"], m["content"]
+        if role not in _ROLES:
+            raise UserError(f"messages[{i}].role: expected one of {_ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise UserError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
+        if role == "system":
+            if i != 0:
+                raise UserError(f"messages[{i}].role: 'system' is only allowed as the first message")
+            system = content
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise UserError(
+                f"messages[{i}].role: expected {expected!r} (turns alternate user, assistant, ...), got {role!r}"
+            )
+        if system is not None and not turns:
+            content = system + "\n\n" + content
+        turns.append((role, content))
+    if not turns:
+        raise UserError("messages: only a system message; expected at least one user turn")
+    if final_role is not None and turns[-1][0] != final_role:
+        raise UserError(f"messages[-1].role: expected {final_role!r} to end a prompt, got {turns[-1][0]!r}")
+    return turns
