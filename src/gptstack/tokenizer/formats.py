@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,6 +159,17 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
+def oniguruma_pattern(pattern: str) -> str:
+    r"""The pre-split regex as HF tokenizers (Oniguruma, Ruby syntax) reads it the same way.
+
+    In Ruby syntax `X{1,3}+` is not possessive: it means `(X{1,3})+`, so tiktoken's
+    `\p{N}{1,3}+` would group all digits of "1600" into one chunk. Where a bounded repeat ends
+    its alternative (as in every built-in pattern) possessive and greedy match the same text, so
+    the `+` is dropped. (`?+`, `*+`, `++` are possessive in Oniguruma too.)
+    """
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
+
+
 def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
     """Write a `tokenizers` tokenizer.json with the same ids as `tok`.
 
@@ -178,7 +190,8 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
         pre_tokenizer = {
             "type": "Sequence",
             "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": oniguruma_pattern(tok.pattern)}, "behavior": "Isolated",
+                 "invert": False},
                 byte_level,
             ],
         }
