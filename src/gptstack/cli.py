@@ -125,6 +125,85 @@ def render_tokens(tok, ids: list[int], mask: list[int] | None, color: bool) -> s
     return ("" if color else "|").join(parts)
 
 
+# --- stages -----------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace, overrides: dict | None = None):
+    from .config import build_config
+
+    return build_config(args.recipe, overrides, args.set or [])
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .stages import pretrain
+
+    overrides = {"data": {"paths": args.data}} if args.data else None
+    pretrain.run(_config(args, overrides), args.out, fresh=args.fresh)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .tokenizer import Tokenizer
+    from .train.checkpoint import load_model
+
+    from .stages.pretrain import check_vocab
+
+    stage = Path(args.stage)
+    model, _ = load_model(stage)
+    tok = Tokenizer.load(stage.parent / "tokenizer")
+    check_vocab(model.config.vocab_size, tok, stage)
+    model.eval()
+    prompt = [tok.bos_id, *tok.encode(args.prompt)]
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.tensor([prompt] * args.num_samples)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=g)
+    for k, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1}")
+        print(tok.decode(row[1:]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model.hf import export_hf
+    from .tokenizer import Tokenizer
+    from .train.checkpoint import load_model
+
+    stage = Path(args.stage)
+    model, _ = load_model(stage)
+    tok_dir = stage.parent / "tokenizer"
+    tok = Tokenizer.load(tok_dir) if (tok_dir / "gptstack.json").exists() else None
+    export_hf(model, args.out, tok)
+    print(f"wrote {args.out}: LlamaForCausalLM.from_pretrained({str(args.out)!r})"
+          + ("" if tok else " (no tokenizer found beside the stage)"), file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .model.hf import import_hf
+    from .train.checkpoint import save_model
+
+    model = import_hf(args.dir)
+    cfg = Config(name=f"import:{args.dir}", model=model.config)
+    stage = Path(args.out) / "pretrain"
+    save_model(stage, model.state_dict(), cfg.to_dict())
+    print(f"wrote {stage} ({model.num_params() / 1e6:.1f}M params)", file=sys.stderr)
+    return 0
+
+
+def add_stage_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    """The flags every stage command shares (DESIGN.md, Commands)."""
+    p.add_argument("--out", required=out_required, metavar="RUN", help="run directory (the stage writes RUN/<stage>/)")
+    p.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml",
+                   help="recipe: a built-in name (see `gptstack recipes`) or a TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.lr=3e-3 (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from RUN/<stage>/checkpoint")
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -180,6 +259,40 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--chat", action="store_true", help="stdin is a JSON list of messages")
     show.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="ANSI colours")
     show.set_defaults(handler=cmd_tokenizer_show)
+
+    pre = commands.add_parser("pretrain", help="pretrain a GPT on a text corpus", formatter_class=fmt,
+                              description="Next-token pretraining. Trains RUN/tokenizer first when absent, packs "
+                                          "the corpus into RUN/data, writes RUN/pretrain (resumable).")
+    pre.add_argument("--data", nargs="+", metavar="PATH", help="text / JSONL files (default: the recipe's corpus)")
+    add_stage_args(pre)
+    pre.set_defaults(handler=cmd_pretrain)
+
+    smp = commands.add_parser("sample", help="sample text from a trained stage", formatter_class=fmt,
+                              description="Continue a prompt with a trained model (KV-cache sampling).")
+    smp.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
+    smp.add_argument("--prompt", default="", help="text to continue")
+    smp.add_argument("--max-new-tokens", type=int, default=200)
+    smp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    smp.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    smp.add_argument("--num-samples", type=int, default=1)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.set_defaults(handler=cmd_sample)
+
+    exp = commands.add_parser("export", help="export a stage's model to HF format", formatter_class=fmt,
+                              description="Write a directory that transformers.LlamaForCausalLM.from_pretrained "
+                                          "loads with the same logits, with the run's tokenizer.")
+    exp.add_argument("--to", choices=("hf",), default="hf", help="target format")
+    exp.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
+    exp.add_argument("out", metavar="OUT", help="output directory")
+    exp.set_defaults(handler=cmd_export)
+
+    imp = commands.add_parser("import", help="import a local HF Llama checkpoint", formatter_class=fmt,
+                              description="Load a local Llama-architecture checkpoint (config.json + "
+                                          "*.safetensors) into gptstack as OUT/pretrain.")
+    imp.add_argument("--from", dest="source", choices=("hf",), default="hf", help="source format")
+    imp.add_argument("dir", metavar="DIR", help="HF model directory")
+    imp.add_argument("out", metavar="OUT", help="run directory to write OUT/pretrain into")
+    imp.set_defaults(handler=cmd_import)
     return parser
 
 

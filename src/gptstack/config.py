@@ -1,0 +1,201 @@
+"""Typed configs: dataclasses with help text, TOML recipes, and `--set section.key=value`.
+
+A run's config is built in three layers, later ones winning:
+  1. the dataclass defaults below,
+  2. the recipe (`--recipe tiny` = the packaged recipes/tiny.toml, or a path to any .toml),
+  3. the command's own flags, then each `--set key=value` in order.
+Every key is checked against the dataclasses: a typo stops the run before any work, naming the key
+and the closest valid ones. The fully resolved config is saved beside the weights (config.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .common import UserError
+from .model.gpt import GPTConfig
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = field(default=4096, metadata={"help": "total vocabulary: 256 bytes + merges + specials"})
+    pattern: str = field(default="digits", metadata={"help": "pre-split regex: gpt4, gpt2, digits, none or a regex"})
+    max_train_chars: int = field(default=20_000_000, metadata={"help": "train BPE on at most this many characters of the corpus"})
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list, metadata={"help": "text/JSONL files; empty = the recipe's built-in corpus"})
+    builtin: str = field(default="tinyshakespeare", metadata={"help": "built-in corpus when no paths are given"})
+    val_fraction: float = field(default=0.1, metadata={"help": "fraction held out for validation"})
+    split: str = field(default="auto", metadata={"help": "tail: last fraction of the text (nanoGPT); docs: last fraction of documents; auto: tail for one document"})
+    doc_separator: str = field(default="", metadata={"help": "split .txt files into documents at this string (empty: one document per file)"})
+    text_key: str = field(default="text", metadata={"help": "JSONL key holding the document text"})
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | wsd (warmup-stable-decay) | constant"})
+    decay_fraction: float = field(default=0.3, metadata={"help": "wsd: fraction of steps spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0 = off)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (autocast; auto = bf16 on CUDA, fp32 on CPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: FSDP2 (fully_shard) instead of DDP"})
+    eval_every: int = field(default=0, metadata={"help": "estimate val loss every N steps (0 = only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "batches per periodic val estimate (the final eval uses the full split)"})
+    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
+    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0 = only at the end)"})
+    seed: int = field(default=1337, metadata={"help": "seed for init and data order"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s for MFU (0 = measure a matmul at start)"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite losses"})
+    stop_at: int = field(default=0, metadata={"help": "stop after this step with a checkpoint, the schedule still spanning max_steps (time-boxed sessions; rerun to resume)"})
+
+
+@dataclass
+class Config:
+    name: str = field(default="tiny", metadata={"help": "recipe name"})
+    model: GPTConfig = field(default_factory=GPTConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building a config ----------------------------------------------------------------------------
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("gptstack.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(recipe: str) -> tuple[dict, str]:
+    """A packaged recipe name or a .toml path -> (dict, where it came from)."""
+    path = Path(recipe)
+    if recipe.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"--recipe {recipe}: file not found")
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    else:
+        res = resources.files("gptstack.recipes") / f"{recipe}.toml"
+        if not res.is_file():
+            close = difflib.get_close_matches(recipe, recipe_names(), n=3)
+            raise UserError(f"--recipe {recipe}: no such recipe; built-in recipes: {', '.join(recipe_names())}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        text, origin = res.read_text(encoding="utf-8"), f"recipes/{recipe}.toml"
+    try:
+        return tomllib.loads(text), origin
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{origin}: invalid TOML: {e}") from None
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, typ, where: str):
+    """Check/convert `value` to the annotated type; ints are fine where floats are expected."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float) and isinstance(value, str):
+        try:
+            return typ(value)
+        except ValueError:
+            raise UserError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is str and not isinstance(value, str):
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    if typ in (int, float) and (not isinstance(value, typ) or isinstance(value, bool)):
+        raise UserError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
+    types = _field_types(type(obj))
+    for key, value in values.items():
+        where = f"{origin}: {prefix}{key}"
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else \
+                f"; valid keys: {', '.join(prefix + k for k in types)}"
+            raise UserError(f"{where}: no such key{hint}")
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: expected a [{prefix}{key}] section (a table), got {value!r}")
+            _apply(getattr(obj, key), value, origin, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, typ, where))
+
+
+def _parse_set(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key=value, e.g. --set pretrain.lr=3e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def _nest(path: list[str], value) -> dict:
+    out: dict = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        out = {part: out}
+    return out
+
+
+def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list[str] = ()) -> Config:
+    """defaults <- recipe <- `overrides` (nested dict from a command's flags) <- `--set` items."""
+    cfg = Config()
+    values, origin = load_recipe(recipe)
+    _apply(cfg, values, origin)
+    if overrides:
+        _apply(cfg, overrides, "flags")
+    for item in sets:
+        path, value = _parse_set(item)
+        _apply(cfg, _nest(path, value), f"--set {item}")
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise UserError(f"{origin}: {e}") from None
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    """A saved config.json back into a Config (the keys were valid when it was written)."""
+    cfg = Config()
+    _apply(cfg, values, "config.json")
+    cfg.model.validate()
+    return cfg

@@ -1,0 +1,210 @@
+"""Text -> tokenized, packed, memory-mapped token files, and the batches drawn from them.
+
+Documents come from .txt files (one document per file, or split at `doc_separator`) and from
+JSONL/JSON (`{"text": ...}` per row, .gz too). Each document is encoded (on all cores) and
+prefixed with <|bos|>, then all are packed end to end into `train.bin` / `val.bin` (uint16 when
+the vocabulary fits, else uint32) with a `meta.json` describing them. A build is reused when its
+inputs, tokenizer and split settings are unchanged.
+
+Split, deterministic: `tail` holds out the last fraction of the *text* (nanoGPT's split of a
+single file: the first 90 % of characters train, the last 10 % validate); `docs` holds out the
+last fraction of the documents.
+
+Batches are random windows, drawn from a generator seeded by (seed, step, micro-batch, rank):
+the data position of a run is its step, so a resumed run draws exactly the batches the
+uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..common import UserError, atomic_write_json, read_text_file
+
+BUILTIN_TEXTS = Path(__file__).resolve().parent / "texts"
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray  # memory-mapped
+    n_bytes: int        # UTF-8 bytes of the text these tokens encode (for bits per byte)
+
+
+def read_documents(paths: list[str], doc_separator: str = "", text_key: str = "text") -> list[str]:
+    """All documents of all files, in order. Bad rows stop here, naming file:line and key."""
+    docs: list[str] = []
+    for p in paths:
+        path = Path(p)
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            docs += _read_json_texts(path, text_key)
+        else:
+            text = read_text_file(path)
+            docs += [d for d in text.split(doc_separator) if d.strip()] if doc_separator else [text]
+    if not docs:
+        raise UserError(f"data: no documents in {', '.join(map(str, paths))}")
+    return docs
+
+
+def _read_json_texts(path: Path, key: str) -> list[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8") from None
+    if path.name.lower().endswith((".json", ".json.gz")):
+        try:
+            rows = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of objects with a {key!r} key")
+        numbered = [(i + 1, r) for i, r in enumerate(rows)]
+        where = "row"
+    else:
+        numbered = []
+        for lineno, line in enumerate(content.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        where = "line"
+    docs = []
+    for n, row in numbered:
+        if not isinstance(row, dict) or key not in row:
+            raise UserError(f"{path}:{n}: {key}: missing; expected an object with a {key!r} string"
+                            + ("" if where == "line" else f" (row {n})"))
+        if not isinstance(row[key], str):
+            raise UserError(f"{path}:{n}: {key}: expected a string, got {type(row[key]).__name__}")
+        if row[key].strip():
+            docs.append(row[key])
+    if not docs:
+        raise UserError(f"{path}: no non-empty {key!r} in any row")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float, mode: str = "auto") -> tuple[list[str], list[str], bool]:
+    """-> (train docs, val docs, whether val continues the last train doc (tail split))."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"data.val_fraction: expected a number between 0 and 1, got {val_fraction}")
+    if mode == "auto":
+        mode = "tail" if len(docs) == 1 else "docs"
+    if mode == "tail":
+        text = "".join(docs) if len(docs) == 1 else None
+        if text is None:  # several documents: cut inside the concatenation, keeping boundaries
+            total = sum(len(d) for d in docs)
+            cut, acc, train, val = int(total * (1 - val_fraction)), 0, [], []
+            for d in docs:
+                if acc + len(d) <= cut:
+                    train.append(d)
+                elif acc >= cut:
+                    val.append(d)
+                else:
+                    train.append(d[: cut - acc])
+                    val.append(d[cut - acc :])
+                acc += len(d)
+            return train, val, True
+        cut = int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]], True
+    if mode == "docs":
+        n_val = max(1, round(len(docs) * val_fraction))
+        if n_val >= len(docs):
+            raise UserError(f"data: {len(docs)} document(s) are too few to hold out {val_fraction:.0%} by document; use data.split=tail")
+        return docs[:-n_val], docs[-n_val:], False
+    raise UserError(f"data.split: expected auto, tail or docs, got {mode!r}")
+
+
+def _encode_docs(tokenizer, docs: list[str], continuation_first: bool) -> np.ndarray:
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    encoded = tokenizer.encode_batch(docs)
+    bos = tokenizer.bos_id
+    parts = []
+    for k, ids in enumerate(encoded):
+        if not (k == 0 and continuation_first):
+            parts.append(np.array([bos], dtype=dtype))
+        parts.append(np.asarray(ids, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def build_corpus(docs_fn, fingerprint: dict, tokenizer, out_dir: Path, val_fraction: float, mode: str) -> dict[str, Split]:
+    """Tokenize and pack once; reuse `out_dir` when `fingerprint` (inputs + settings) is unchanged.
+
+    `docs_fn` is only called when a build is needed (reading a corpus can be the slow part).
+    """
+    out_dir = Path(out_dir)
+    tok_hash = hashlib.sha256(json.dumps([sorted(tokenizer.special_tokens.items()), tokenizer.pattern,
+                                          len(tokenizer.mergeable_ranks)]).encode()).hexdigest()[:16]
+    key = dict(fingerprint, tokenizer=tok_hash, val_fraction=val_fraction, split=mode, version=1)
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return _open(out_dir, meta)
+    docs = docs_fn()
+    train_docs, val_docs, continuation = split_documents(docs, val_fraction, mode)
+    meta = {"key": key, "dtype": None, "splits": {}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split_docs, cont in (("train", train_docs, False), ("val", val_docs, continuation)):
+        tokens = _encode_docs(tokenizer, split_docs, cont)
+        if len(tokens) < 2:
+            raise UserError(f"data: the {name} split has {len(tokens)} tokens; the corpus is too small")
+        tmp = out_dir / f".{name}.bin.tmp"
+        tokens.tofile(tmp)
+        tmp.replace(out_dir / f"{name}.bin")
+        meta["dtype"] = str(tokens.dtype)
+        meta["splits"][name] = {"tokens": int(len(tokens)), "bytes": sum(len(d.encode("utf-8")) for d in split_docs),
+                                "documents": len(split_docs)}
+    atomic_write_json(meta_path, meta)  # written last: a build without meta.json is never reused
+    return _open(out_dir, meta)
+
+
+def _open(out_dir: Path, meta: dict) -> dict[str, Split]:
+    return {
+        name: Split(np.memmap(out_dir / f"{name}.bin", dtype=meta["dtype"], mode="r"), info["bytes"])
+        for name, info in meta["splits"].items()
+    }
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0,
+              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows for (step, micro-batch); the global batch is split across ranks, so N
+    processes see exactly the sequences one process would (same loss curve under DDP)."""
+    n_windows = len(tokens) - block_size - 1
+    if n_windows < 1:
+        raise UserError(f"data: {len(tokens)} tokens is shorter than one window of {block_size + 1}")
+    g = np.random.default_rng([seed, step, micro])
+    starts = g.integers(0, n_windows, size=batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+    windows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    w = torch.from_numpy(windows)
+    return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, block_size: int):
+    """Non-overlapping windows covering the whole split: every token after the first is a
+    target exactly once (the "full val split" loss)."""
+    n = (len(tokens) - 1) // block_size
+    arr = np.asarray(tokens[: n * block_size + 1]).astype(np.int64)
+    x = torch.from_numpy(arr[:-1].reshape(n, block_size))
+    y = torch.from_numpy(arr[1:].reshape(n, block_size))
+    rest = len(tokens) - 1 - n * block_size
+    tail = None
+    if rest > 0:  # the last partial window, so no token is left out
+        t = torch.from_numpy(np.asarray(tokens[-(rest + 1):]).astype(np.int64))
+        tail = (t[:-1].unsqueeze(0), t[1:].unsqueeze(0))
+    return x, y, tail

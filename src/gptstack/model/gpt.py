@@ -1,0 +1,272 @@
+"""A Llama-style GPT: RoPE, RMSNorm, SwiGLU, no biases, optional tied embeddings, grouped-query
+attention, SDPA (flash attention on GPU), and a KV cache for generation.
+
+The layout matches HF `LlamaForCausalLM` (rotate-half RoPE, separate norms before attention and
+MLP, a final norm), so export is a renaming plus splitting the fused projections (model/hf.py).
+q/k/v and gate/up are fused into single matmuls: fewer, larger kernels, which matters most on
+CPU where a small model is bound by per-op overhead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size (set from the tokenizer)"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention (query) heads"})
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads for GQA; 0 = n_head (plain MHA)"})
+    n_embd: int = field(default=128, metadata={"help": "model width"})
+    intermediate_size: int = field(default=0, metadata={"help": "SwiGLU hidden width; 0 = 8/3 n_embd rounded up to 32"})
+    block_size: int = field(default=256, metadata={"help": "context length trained with (= exported max_position_embeddings)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "share the input embedding with the output head"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of weights"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError("model: head dim (n_embd / n_head) must be even for RoPE")
+
+    # 0 means "derive from the other sizes"; derived here, not stored, so a recipe that changes
+    # n_embd also changes the MLP width.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.intermediate_size or 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets from a CPU toy to GPT-2 small scale. Sizes are approximate (vocab-dependent).
+PRESETS: dict[str, dict] = {
+    "nano": dict(n_layer=2, n_head=2, n_embd=64),            # ~0.1M non-embedding: unit tests
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),           # ~0.8M: CPU demo
+    "mini": dict(n_layer=6, n_head=6, n_embd=384),           # ~10M
+    "small": dict(n_layer=8, n_head=8, n_embd=512),          # ~25M
+    "124m": dict(n_layer=12, n_head=12, n_embd=768, tie_embeddings=True),  # GPT-2 small scale
+}
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, preallocated to `max_len`.
+
+    Generation prefills the prompt once, then feeds one token per step; attention reads the
+    cached keys/values instead of recomputing them (what makes sampling O(T) per token).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # positions filled so far
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.size(2)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len}")
+        self.k[layer][:, :, self.pos : self.pos + T] = k
+        self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, head_dim) in HF Llama's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        T_k = k.size(2)
+        if T == T_k:  # training, or prefill into an empty cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:  # T new queries after T_k - T cached positions: each sees the past and itself
+            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.ffn_dim, bias=False)
+        self.down = nn.Linear(config.ffn_dim, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                # residual-stream writes scaled down with depth (GPT-2), so the stream's variance
+                # does not grow with the number of blocks
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def _rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + T
+        if end > self.rope_cos.size(0):  # beyond the trained context (sampling long): extend the tables
+            cos, sin = rope_tables(self.config.head_dim, max(end, 2 * self.rope_cos.size(0)), self.config.rope_theta, device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, n_embd); value/reward heads read these."""
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rope(start, idx.size(1), idx.device)
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, i, cache)
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                ignore_index: int = -1):
+        """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index."""
+        h = self.hidden_states(idx, cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=ignore_index)
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul parameter plus attention's
+        12 * layers * width * context (PaLM appendix B). Used for MFU."""
+        c = self.config
+        T = seq_len or c.block_size
+        matmul_params = self.num_params() - self.tok_emb.weight.numel() * (0 if c.tie_embeddings else 1)
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * T
+
+    # --- generation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 = greedy.
+
+        With `use_cache=False` every step recomputes the whole sequence: the reference the KV-cache
+        path is tested against, token for token.
+        """
+        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens, idx.device,
+                        self.tok_emb.weight.dtype) if use_cache else None
+        out = idx
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else out, cache=cache)[:, -1, :].float()
+            next_id = sample_next(logits, temperature, top_k, generator)
+            out = torch.cat([out, next_id], dim=1)
+            step_input = next_id
+        return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, vocab) logits -> (B, 1) ids. Temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

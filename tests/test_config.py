@@ -1,0 +1,55 @@
+"""Recipes, flags and --set: typed, layered, and every unknown key named with close matches."""
+import pytest
+
+from gptstack.common import UserError
+from gptstack.config import build_config, config_from_dict, recipe_names
+
+
+def test_builtin_recipes_load():
+    assert {"tiny", "shakespeare-char", "gpt2-124m"} <= set(recipe_names())
+    for name in recipe_names():
+        cfg = build_config(name)
+        assert cfg.name == name
+
+
+def test_layers_override_in_order(tmp_path):
+    cfg = build_config("shakespeare-char", {"data": {"paths": ["a.txt"]}},
+                       ["pretrain.lr=3e-3", "model.n_layer=6", "pretrain.compile=true", "data.paths=x.txt,y.txt"])
+    assert cfg.pretrain.lr == 3e-3 and cfg.model.n_layer == 6 and cfg.pretrain.compile is True
+    assert cfg.data.paths == ["x.txt", "y.txt"]
+    assert cfg.model.block_size == 64  # from the recipe
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_derived_sizes_follow_width():
+    cfg = build_config("tiny", sets=["model.n_embd=384", "model.n_head=6"])
+    assert cfg.model.ffn_dim == 1024 and cfg.model.kv_heads == 6
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["pretrain.lrr=1"], r"--set pretrain.lrr=1: pretrain.lrr: no such key; did you mean pretrain.lr\?"),
+        (["modle.n_layer=2"], r"modle: no such key; did you mean model\?"),
+        (["pretrain.max_steps=ten"], r"pretrain.max_steps: expected int, got 'ten'"),
+        (["pretrain.compile=maybe"], "expected true or false"),
+        (["model=3"], r"model: expected a \[model\] section"),
+        (["model.n_embd=100", "model.n_head=3"], "must be divisible"),
+        (["lr"], "expected key=value"),
+    ],
+)
+def test_bad_keys_and_values(sets, message):
+    with pytest.raises(UserError, match=message):
+        build_config("tiny", sets=sets)
+
+
+def test_bad_recipe_file(tmp_path):
+    bad = tmp_path / "r.toml"
+    bad.write_text("[pretrain]\nlearning_rate = 1\n")
+    with pytest.raises(UserError, match=r"r.toml: pretrain.learning_rate: no such key"):
+        build_config(str(bad))
+    bad.write_text("[pretrain\n")
+    with pytest.raises(UserError, match="invalid TOML"):
+        build_config(str(bad))
+    with pytest.raises(UserError, match="no such recipe.*did you mean tiny"):
+        build_config("tiyn")
