@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("dir", metavar="DIR", help="HF model directory")
     imp.add_argument("out", metavar="OUT", help="run directory to write OUT/pretrain into")
     imp.set_defaults(handler=cmd_import)
+    from .data.cli import add_commands as add_data_commands
+    from .world.cli import add_commands as add_world_commands
+    add_data_commands(commands, fmt)
+    add_world_commands(commands, fmt)
     return parser
 
 

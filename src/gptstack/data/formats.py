@@ -1,0 +1,612 @@
+"""Readers, with validation, for the data files users bring to every stage.
+
+    ds = read_dataset("prefs.jsonl.gz", expect=("preference", "ranking"), skip_bad_rows=False)
+    ds.kind, ds.source, ds.rows, ds.usable, ds.skipped     # Counter: reason -> rows skipped
+    ds.describe()   # "prefs.jsonl.gz: preference, 2354 rows (2326 usable, 28 skipped: ...)"
+    ds.summary()    # flat keys for summary.json: data/rows, data/usable, data/skipped/<reason>
+
+Files: JSONL (one object per line), JSON (an array of objects, or JSONL named .json), either one
+gzipped (.gz), and plain text (.txt: one "text" row). The format is recognised from the keys of
+the first row and every row is then held to it:
+
+  kind        source          keys                                       normalised row
+  text        text            text                                       {"text"}
+  sft         trl             messages                                   {"messages"}
+  sft         trl             prompt + completion (str or messages)      {"messages"}
+  sft         self-instruct   instruction + instances[{input, output}]   {"messages"} per instance
+  sft         alpaca          instruction + output (+ input)             {"messages"}
+  sft         world           prompt + reference (`gptstack world sample`) {"messages"}
+  prompt      trl             prompt (prompt-only)                       {"prompt"}
+  preference  trl             prompt + chosen + rejected                 {"prompt", "chosen", "rejected"}
+  preference  trl             chosen + rejected (implicit prompt)        same: the shared prefix is the prompt
+  preference  hh-rlhf         chosen + rejected "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
+  verifiable  gsm8k           question + answer ("... #### 72")          {"prompt", "answer", "solution"}
+  verifiable  trl             prompt + answer                            {"prompt", "answer"}
+  ranking     ranking         prompt + responses + ranking (best first)  {"prompt", "responses", "ranking"}
+
+"prompt" in a normalised row is always a list of messages ending with the user's turn, and
+"chosen"/"rejected" are the assistant's reply text, so stages never care where data came from.
+
+Two kinds of trouble, handled differently (DESIGN.md, "Bad input"):
+  - structural errors (not UTF-8, not JSON, missing keys, wrong types) are collected for every
+    bad line as "file:line: key: what was expected" and raised together as one UserError before
+    any work, unless skip_bad_rows=True, which skips and counts them ("bad row");
+  - irregular but well-formed rows (an empty final assistant turn, chosen and rejected with
+    different prompts, the same role twice in a row, ...) are skipped and counted by reason.
+
+GSM8K-style answers are checked with `check_answer(response, answer)`, which reads the final
+answer from "The answer is X", "#### X" or else the last number, and compares numerically.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..common import UserError
+
+KINDS = ("text", "sft", "prompt", "preference", "verifiable", "ranking")
+ROLES = ("system", "user", "assistant")
+BAD_ROW = "bad row"
+MAX_ERRORS_IN_MESSAGE = 100
+
+
+@dataclass
+class Dataset:
+    path: str
+    kind: str                     # one of KINDS
+    source: str                   # trl, hh-rlhf, gsm8k, self-instruct, alpaca, world, ranking, text
+    rows: list[dict]              # normalised rows (see the module docstring)
+    n_rows: int = 0               # records read (lines or array items; blank lines not counted)
+    usable: int = 0               # records that gave at least one row
+    skipped: Counter = field(default_factory=Counter)   # reason -> records skipped
+    errors: list[str] = field(default_factory=list)     # structural errors, "file:line: key: expected"
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def describe(self) -> str:
+        """"FILE: KIND, N rows (M usable, K skipped: reason ×count, ...)" (and the source)."""
+        reasons = ", ".join(f"{r} ×{c}" for r, c in self.skipped.most_common())
+        skipped = f"{self.n_skipped} skipped" + (f": {reasons}" if reasons else "")
+        extra = f"; {len(self.rows)} examples" if len(self.rows) != self.usable else ""
+        return f"{self.path}: {self.kind}, {self.n_rows} rows ({self.usable} usable, {skipped}){extra} [{self.source}]"
+
+    def summary(self, prefix: str = "data") -> dict:
+        """Flat counts for a stage's summary.json."""
+        out = {f"{prefix}/rows": self.n_rows, f"{prefix}/usable": self.usable, f"{prefix}/skipped": self.n_skipped}
+        for reason, count in self.skipped.items():
+            out[f"{prefix}/skipped/{reason.replace(' ', '_')}"] = count
+        return out
+
+    def as_sft(self) -> list[list[dict]]:
+        """Conversations to fine-tune on: sft rows; preference rows as prompt + chosen; GSM8K with
+        its solution."""
+        if self.kind == "sft":
+            return [r["messages"] for r in self.rows]
+        if self.kind == "preference":
+            return [r["prompt"] + [{"role": "assistant", "content": r["chosen"]}] for r in self.rows]
+        if self.kind == "ranking":
+            return [r["prompt"] + [{"role": "assistant", "content": r["responses"][r["ranking"][0]]}] for r in self.rows]
+        if self.kind == "verifiable" and all("solution" in r for r in self.rows):
+            return [r["prompt"] + [{"role": "assistant", "content": r["solution"]}] for r in self.rows]
+        raise UserError(f"{self.path}: {self.kind} rows ({self.source}) have no responses to fine-tune on; "
+                        "expected sft, preference, ranking or GSM8K data")
+
+    def prompts(self) -> list[list[dict]]:
+        """The prompts of any kind but text (for sampling, preference collection or RL)."""
+        if self.kind == "text":
+            raise UserError(f"{self.path}: plain text has no prompts; expected chat, preference or prompt data")
+        if self.kind == "sft":
+            out = []
+            for r in self.rows:
+                msgs = r["messages"]
+                out.append(msgs[: max(i for i, m in enumerate(msgs) if m["role"] == "assistant")])
+            return out
+        return [r["prompt"] for r in self.rows]
+
+
+class _Bad(Exception):
+    """A structural error in one row: `key` and what was expected."""
+
+    def __init__(self, key: str, expected: str):
+        super().__init__(f"{key}: {expected}")
+
+
+class _Irregular(Exception):
+    """A well-formed row that cannot be used as is; the message is the reason (counted)."""
+
+
+# --- reading records ------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a data file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: not a valid gzip file ({e}); expected gzipped JSON or JSONL") from None
+    return data
+
+
+def _type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], list[str], str]:
+    """All records of a JSON/JSONL(.gz) or text file: ([(line, value)], structural errors, layout).
+
+    Never stops at the first bad line: every undecodable or unparsable line is reported.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+    errors: list[str] = []
+    if stem.endswith((".txt", ".md")):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise UserError(f"{path}:{line}: bytes: expected UTF-8 text (byte 0x{data[e.start]:02x} "
+                            f"at offset {e.start})") from None
+        return ([(1, {"text": text})] if text.strip() else []), errors, "text"
+    if stem.endswith(".json") and data.lstrip()[:1] == b"[":
+        return _read_json_array(path, data) + ("json",)
+    records = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+        except UnicodeDecodeError as e:
+            errors.append(f"{path}:{lineno}: bytes: expected UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{lineno}: json: expected one JSON object per line: {e.msg} (column {e.colno})")
+            continue
+        records.append((lineno, value))
+    return records, errors, "jsonl"
+
+
+def _read_json_array(path: Path, data: bytes) -> tuple[list, list]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: bytes: expected UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    decoder = json.JSONDecoder()
+    records, errors = [], []
+    i = text.index("[") + 1
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text):
+            errors.append(f"{path}:{line_at(len(text))}: json: expected ']' to close the array (the file ends early)")
+            break
+        if text[i] == "]":
+            if text[i + 1 :].strip():
+                errors.append(f"{path}:{line_at(i)}: json: expected nothing after the closing ']'")
+            break
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            # An array cannot be re-synchronised after a syntax error: report it and stop.
+            errors.append(f"{path}:{e.lineno}: json: expected a JSON array of objects: {e.msg} (column {e.colno})")
+            break
+        records.append((line_at(i), value))
+        i = end
+    return records, errors
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def _string(row: dict, key: str) -> str:
+    if key not in row:
+        raise _Bad(key, "missing, expected a string")
+    v = row[key]
+    if not isinstance(v, str):
+        raise _Bad(key, f"expected a string, got {_type(v)}")
+    return v
+
+
+def _messages(value, key: str) -> list[dict]:
+    """Structural check of a TRL conversational value: a list of {role, content} objects."""
+    if not isinstance(value, list):
+        raise _Bad(key, f"expected a list of {{role, content}} messages, got {_type(value)}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _Bad(f"{key}[{i}]", f"expected a {{role, content}} object, got {_type(m)}")
+        for k in ("role", "content"):
+            if k not in m:
+                raise _Bad(f"{key}[{i}].{k}", "missing, expected a string")
+            if not isinstance(m[k], str):
+                raise _Bad(f"{key}[{i}].{k}", f"expected a string, got {_type(m[k])}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _conversation(msgs: list[dict], final: str) -> list[dict]:
+    """Irregularities of a conversation that must end with role `final`; returns it stripped."""
+    if not msgs:
+        raise _Irregular("empty conversation")
+    for m in msgs:
+        if m["role"] not in ROLES:
+            raise _Irregular("unsupported role")
+    if any(m["role"] == "system" for m in msgs[1:]):
+        raise _Irregular("system message after the start")
+    turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    if not turns or turns[0]["role"] != "user":
+        raise _Irregular("does not start with a user turn")
+    if any(a["role"] == b["role"] for a, b in zip(turns, turns[1:])):
+        raise _Irregular("same role twice in a row")
+    if turns[-1]["role"] != final:
+        raise _Irregular(f"does not end with a{'n' if final == 'assistant' else ''} {final} turn")
+    if not turns[-1]["content"].strip():
+        raise _Irregular(f"empty final {final} turn")
+    if any(not m["content"].strip() for m in turns[:-1]):
+        raise _Irregular("empty turn")
+    return [{"role": m["role"], "content": m["content"].strip()} for m in msgs]
+
+
+def _prompt(value, key: str = "prompt") -> list[dict]:
+    """A TRL prompt (a string, or messages) -> messages ending with the user's turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Irregular("empty prompt")
+        return [{"role": "user", "content": value.strip()}]
+    return _conversation(_messages(value, key), "user")
+
+
+def _completion(value, key: str) -> str:
+    """A TRL completion (a string, or a list holding one assistant message) -> its text."""
+    if isinstance(value, str):
+        text = value
+    else:
+        msgs = _messages(value, key)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise _Irregular("completion is not one assistant turn")
+        text = msgs[0]["content"]
+    if not text.strip():
+        raise _Irregular("empty final assistant turn")
+    return text.strip()
+
+
+# --- hh-rlhf transcripts ------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def is_transcript(text) -> bool:
+    return isinstance(text, str) and "Human:" in text and "\n\nAssistant:" in text
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """"\\n\\nHuman: hi\\n\\nAssistant: hello" -> [{"role": "user", ...}, {"role": "assistant", ...}].
+
+    Turns are kept as they are (possibly empty, possibly the same role twice): judging them is
+    the caller's business. Text before the first turn raises _Irregular.
+    """
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise _Irregular("text before the first turn")
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def _split_pair(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:
+    """Implicit prompt: the shared leading turns are the prompt, then one assistant turn each."""
+    chosen = _conversation(chosen, "assistant")
+    rejected = _conversation(rejected, "assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise _Irregular("chosen and rejected have different prompts")
+    if chosen[-1] == rejected[-1]:
+        raise _Irregular("chosen equals rejected")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+# --- one parser per format --------------------------------------------------------------------
+
+
+def _row_text(row: dict) -> list[dict]:
+    text = _string(row, "text")
+    if not text.strip():
+        raise _Irregular("empty text")
+    return [{"text": text}]
+
+
+def _row_messages(row: dict) -> list[dict]:
+    if "messages" not in row:
+        raise _Bad("messages", "missing, expected a list of {role, content} messages")
+    return [{"messages": _conversation(_messages(row["messages"], "messages"), "assistant")}]
+
+
+def _prompt_or_messages(row: dict, key: str):
+    if key not in row:
+        raise _Bad(key, "missing, expected a string or a list of {role, content} messages")
+    v = row[key]
+    if not isinstance(v, (str, list)):
+        raise _Bad(key, f"expected a string or a list of {{role, content}} messages, got {_type(v)}")
+    return v
+
+
+def _row_prompt_completion(row: dict) -> list[dict]:
+    p, c = _prompt_or_messages(row, "prompt"), _prompt_or_messages(row, "completion")
+    if isinstance(c, str):
+        messages = _prompt(p) + [{"role": "assistant", "content": _completion(c, "completion")}]
+    else:
+        messages = (_messages(p, "prompt") if isinstance(p, list) else [{"role": "user", "content": p}]) \
+            + _messages(c, "completion")
+    return [{"messages": _conversation(messages, "assistant")}]
+
+
+def _row_prompt_only(row: dict) -> list[dict]:
+    return [{"prompt": _prompt(_prompt_or_messages(row, "prompt"))}]
+
+
+def _row_preference(row: dict) -> list[dict]:
+    c, r = _prompt_or_messages(row, "chosen"), _prompt_or_messages(row, "rejected")
+    if "prompt" in row:
+        prompt = _prompt(_prompt_or_messages(row, "prompt"))
+        chosen, rejected = _completion(c, "chosen"), _completion(r, "rejected")
+        if chosen == rejected:
+            raise _Irregular("chosen equals rejected")
+        return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    if isinstance(c, list) and isinstance(r, list):
+        prompt, chosen, rejected = _split_pair(_messages(c, "chosen"), _messages(r, "rejected"))
+    elif isinstance(c, str) and isinstance(r, str):
+        # Standard implicit prompt, as TRL's extract_prompt: the longest common prefix, less a
+        # trailing space (which stays with the completions).
+        n = 0
+        while n < min(len(c), len(r)) and c[n] == r[n]:
+            n += 1
+        if c == r:
+            raise _Irregular("chosen equals rejected")
+        if 0 < n < min(len(c), len(r)) and c[n - 1] == " ":
+            n -= 1
+        if not c[:n].strip():
+            raise _Irregular("no shared prompt")
+        prompt = _prompt(c[:n])
+        chosen, rejected = _completion(c[n:], "chosen"), _completion(r[n:], "rejected")
+    else:
+        raise _Bad("rejected", f"expected the same type as chosen ({_type(c)}), got {_type(r)}")
+    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+
+
+def _row_hh(row: dict) -> list[dict]:
+    c, r = _string(row, "chosen"), _string(row, "rejected")
+    for key, v in (("chosen", c), ("rejected", r)):
+        if not is_transcript(v):
+            raise _Bad(key, 'expected a "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript')
+    prompt, chosen, rejected = _split_pair(parse_transcript(c), parse_transcript(r))
+    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+
+
+_GSM_CALC = re.compile(r"<<[^<>]*>>")
+_GSM_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+_NUMBER = re.compile(r"^[-+]?\$?\d[\d,]*(?:\.\d+)?$")
+
+
+def _number(text: str) -> str:
+    return text.replace(",", "").replace("$", "").lstrip("+")
+
+
+def _row_gsm8k(row: dict) -> list[dict]:
+    q, a = _string(row, "question"), _string(row, "answer")
+    m = _GSM_FINAL.search(a)
+    if not m or not _NUMBER.match(m.group(1).strip()):
+        raise _Bad("answer", "expected a solution ending in '#### <number>'")
+    if not q.strip():
+        raise _Irregular("empty prompt")
+    answer = _number(m.group(1).strip())
+    body = _GSM_CALC.sub("", a[: m.start()]).strip()
+    solution = (body + "\n" if body else "") + f"The answer is {answer}."
+    return [{"prompt": [{"role": "user", "content": q.strip()}], "answer": answer, "solution": solution}]
+
+
+def _row_prompt_answer(row: dict) -> list[dict]:
+    prompt = _prompt(_prompt_or_messages(row, "prompt"))
+    if "answer" not in row:
+        raise _Bad("answer", "missing, expected a string or number")
+    a = row["answer"]
+    if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+        raise _Bad("answer", f"expected a string or number, got {_type(a)}")
+    if not str(a).strip():
+        raise _Irregular("empty answer")
+    return [{"prompt": prompt, "answer": str(a).strip()}]
+
+
+def _user_turn(instruction: str, inp: str) -> str:
+    return instruction.strip() + (f"\n\n{inp.strip()}" if inp.strip() else "")
+
+
+def _row_self_instruct(row: dict) -> list[dict]:
+    instruction = _string(row, "instruction")
+    if "instances" not in row:
+        raise _Bad("instances", "missing, expected a list of {input, output} objects")
+    instances = row["instances"]
+    if not isinstance(instances, list):
+        raise _Bad("instances", f"expected a list of {{input, output}} objects, got {_type(instances)}")
+    out = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise _Bad(f"instances[{i}]", f"expected an {{input, output}} object, got {_type(inst)}")
+        inp = _string(inst, "input") if "input" in inst else ""
+        try:
+            output = _string(inst, "output")
+        except _Bad as e:
+            raise _Bad(f"instances[{i}].output", str(e).split(": ", 1)[1]) from None
+        if output.strip() and instruction.strip():
+            out.append({"messages": [{"role": "user", "content": _user_turn(instruction, inp)},
+                                     {"role": "assistant", "content": output.strip()}]})
+    if not out:
+        raise _Irregular("empty instruction or output")
+    return out
+
+
+def _row_alpaca(row: dict) -> list[dict]:
+    instruction, output = _string(row, "instruction"), _string(row, "output")
+    inp = _string(row, "input") if "input" in row else ""
+    if not instruction.strip() or not output.strip():
+        raise _Irregular("empty instruction or output")
+    return [{"messages": [{"role": "user", "content": _user_turn(instruction, inp)},
+                          {"role": "assistant", "content": output.strip()}]}]
+
+
+def _row_world(row: dict) -> list[dict]:
+    prompt, reference = _string(row, "prompt"), _string(row, "reference")
+    if not prompt.strip() or not reference.strip():
+        raise _Irregular("empty prompt or reference")
+    return [{"messages": [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": reference.strip()}]}]
+
+
+def _row_ranking(row: dict) -> list[dict]:
+    prompt_value = _prompt_or_messages(row, "prompt")
+    if "responses" not in row:
+        raise _Bad("responses", "missing, expected a list of at least 2 strings")
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
+        raise _Bad("responses", f"expected a list of at least 2 strings, got {_type(responses)}")
+    if "ranking" not in row:
+        raise _Bad("ranking", "missing, expected a list of response indices, best first")
+    ranking = row["ranking"]
+    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))) \
+            or any(isinstance(x, bool) for x in ranking):
+        raise _Bad("ranking", f"expected a permutation of 0..{len(responses) - 1} (response indices, best first), "
+                              f"got {json.dumps(ranking)[:60]}")
+    prompt = _prompt(prompt_value)
+    if any(not x.strip() for x in responses):
+        raise _Irregular("empty response")
+    return [{"prompt": prompt, "responses": [x.strip() for x in responses], "ranking": list(ranking)}]
+
+
+# (name, kind, source, keys that identify it, parser); the first whose keys are all present wins.
+FORMATS = (
+    ("ranking", "ranking", "ranking", {"responses", "ranking"}, _row_ranking),
+    ("preference", "preference", "trl", {"chosen", "rejected"}, _row_preference),
+    ("messages", "sft", "trl", {"messages"}, _row_messages),
+    ("prompt-completion", "sft", "trl", {"prompt", "completion"}, _row_prompt_completion),
+    ("gsm8k", "verifiable", "gsm8k", {"question", "answer"}, _row_gsm8k),
+    ("self-instruct", "sft", "self-instruct", {"instruction", "instances"}, _row_self_instruct),
+    ("alpaca", "sft", "alpaca", {"instruction", "output"}, _row_alpaca),
+    ("prompt-answer", "verifiable", "trl", {"prompt", "answer"}, _row_prompt_answer),
+    ("world", "sft", "world", {"prompt", "reference"}, _row_world),
+    ("text", "text", "text", {"text"}, _row_text),
+    ("prompt-only", "prompt", "trl", {"prompt"}, _row_prompt_only),
+)
+_KNOWN = " | ".join("+".join(sorted(keys)) for _, _, _, keys, _ in FORMATS)
+
+
+def _detect(path: Path, line: int, row: dict):
+    for fmt in FORMATS:
+        if fmt[3] <= row.keys():
+            if fmt[0] == "preference" and "prompt" not in row and is_transcript(row.get("chosen")):
+                return ("hh-rlhf", "preference", "hh-rlhf", fmt[3], _row_hh)
+            return fmt
+    raise UserError(f"{path}:{line}: keys {', '.join(sorted(row)) or '(none)'}: expected the keys of a known "
+                    f"format ({_KNOWN})")
+
+
+def read_dataset(path: str | os.PathLike, expect: tuple[str, ...] | str | None = None,
+                 skip_bad_rows: bool = False) -> Dataset:
+    """Read and validate a data file (see the module docstring). Raises UserError, before any
+    work, on a file that cannot be used: listing every structural error unless `skip_bad_rows`,
+    and when the file's kind is not in `expect`."""
+    path = Path(path)
+    records, errors, layout = read_records(path)
+    fmt = None
+    for line, value in records:
+        if isinstance(value, dict):
+            fmt = _detect(path, line, value)
+            break
+    if fmt is None and not errors:
+        what = "rows" if records else "data"
+        raise UserError(f"{path}: no {what}; expected " + ("JSON objects" if records else "at least one row"))
+    name, kind, source, _, parser = fmt or ("unknown", "unknown", "unknown", set(), None)
+    if isinstance(expect, str):
+        expect = (expect,)
+    if expect and fmt is not None and kind not in expect:
+        raise UserError(f"{path}: expected {' or '.join(expect)} data, found {kind} rows ({name} format, keys "
+                        f"{'+'.join(sorted(fmt[3]))})")
+    ds = Dataset(str(path), kind, source, [], n_rows=len(records) + len(errors))
+    bad_lines = len(errors)
+    for line, value in records:
+        try:
+            if not isinstance(value, dict):
+                raise _Bad("row", f"expected a JSON object, got {_type(value)}")
+            rows = parser(value)
+        except _Bad as e:
+            errors.append(f"{path}:{line}: {e}")
+            bad_lines += 1
+            continue
+        except _Irregular as e:
+            ds.skipped[str(e)] += 1
+            continue
+        ds.rows.extend(rows)
+        ds.usable += 1
+    prefix = len(str(path)) + 1
+    ds.errors = sorted(errors, key=lambda e: int(re.match(r"\d*", e[prefix:]).group() or 0))  # in line order
+    errors = ds.errors
+    if errors:
+        if not skip_bad_rows:
+            shown = errors[:MAX_ERRORS_IN_MESSAGE]
+            more = len(errors) - len(shown)
+            raise UserError(
+                f"{path}: {len(errors)} bad row{'s' if len(errors) != 1 else ''} ({name} format); fix "
+                f"{'it' if len(errors) == 1 else 'them'} or pass --skip-bad-rows to skip and count them:\n"
+                + "\n".join(shown) + (f"\n... and {more} more (`gptstack data check {path}` lists all)" if more else ""))
+        ds.skipped[BAD_ROW] += bad_lines
+    return ds
+
+
+# --- answers --------------------------------------------------------------------------------
+
+_FINAL_PATTERNS = (re.compile(r"the answer is\s*:?\s*\$?(-?[\d,]*\.?\d+)", re.I), re.compile(r"####\s*\$?(-?[\d,]*\.?\d+)"))
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final numeric answer of a response: the last "The answer is X" or "#### X", else the
+    last number in the text; commas and $ removed. None when there is no number."""
+    for pattern in _FINAL_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return _number(found[-1])
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return _number(numbers[-1]).rstrip(".") if numbers else None
+
+
+def check_answer(response: str, answer: str) -> bool:
+    """Whether `response`'s final answer equals `answer` numerically (GSM8K-style), or as text."""
+    got = extract_final_answer(response)
+    if got is None:
+        return False
+    try:
+        return abs(float(got) - float(_number(str(answer)))) < 1e-6
+    except ValueError:
+        return got.strip().lower() == str(answer).strip().lower()

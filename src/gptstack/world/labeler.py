@@ -1,0 +1,116 @@
+"""The simulated labeler: ranks K responses the way a noisy, mildly biased human would.
+
+Each response gets a utility
+
+    u = gold(task, response) + length_bias * log2(words) + position_bias * (K-1-i)/(K-1)
+
+(i = the position it was shown in) and the ranking is drawn from the Plackett-Luce model with
+weights exp(u / tau), by sorting u/tau + Gumbel noise. The Gumbel trick makes every pair's order
+an exact Bradley-Terry draw, whatever K is:
+
+    P(a ranked above b) = sigmoid((u(a) - u(b)) / tau)
+
+(the difference of two Gumbel variables is logistic), so with no biases the labeler agrees with
+gold on a pair with probability sigmoid(|gold(a) - gold(b)| / tau). tau = 0 is a noiseless
+labeler that sorts by utility (ties keep the shown order).
+
+Defaults (WorldConfig): tau = 0.35 and length_bias = 0.1 per doubling of length. With gold's
+scale (right answer +0.8, format and brevity 0.1 each), a right answer beats a wrong one
+sigmoid(0.8/0.35) = 91% of the time, while two answers that differ only in form are close to a
+coin flip (sigmoid(0.1/0.35) = 57%); and among equally good answers, one twice as long is
+preferred sigmoid(0.1/0.35) = 57% of the time although gold mildly prefers the shorter one. That
+is the realistic flaw a reward model learns and RL then amplifies (longer and longer answers).
+
+Usage:
+    labeler = Labeler.from_config(config)
+    ranking = labeler.rank(task, responses, rng)            # indices, best first
+    j = labeler.judge(task, responses, rng)                  # ranking + gold + utilities
+    pairs = ranking_to_pairs(ranking)                        # (better, worse) index pairs
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from .gold import gold as gold_reward
+from .tasks import WorldConfig, as_task
+
+
+@dataclass(frozen=True)
+class Judgement:
+    ranking: list[int]          # indices into the responses, best first
+    gold: list[float]           # gold reward of each response (in the order given)
+    utility: list[float]        # what the labeler actually ranked by (gold + biases)
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def _words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+class Labeler:
+    def __init__(self, tau: float = 0.35, length_bias: float = 0.1, position_bias: float = 0.0):
+        if tau < 0:
+            raise ValueError(f"tau: expected >= 0, got {tau}")
+        self.tau, self.length_bias, self.position_bias = float(tau), float(length_bias), float(position_bias)
+
+    @classmethod
+    def from_config(cls, config: WorldConfig | None = None) -> "Labeler":
+        config = (config or WorldConfig()).validate()
+        return cls(config.labeler_tau, config.labeler_length_bias, config.labeler_position_bias)
+
+    def utilities(self, task, responses: list[str], golds: list[float] | None = None,
+                  ended: list[bool] | None = None) -> tuple[list[float], list[float]]:
+        """(gold, utility) per response."""
+        task = as_task(task)
+        k = len(responses)
+        if golds is None:
+            ended = ended or [True] * k
+            golds = [gold_reward(task, r, e) for r, e in zip(responses, ended)]
+        utils = []
+        for i, (r, g) in enumerate(zip(responses, golds)):
+            u = g + self.length_bias * math.log2(_words(r))
+            if k > 1:
+                u += self.position_bias * (k - 1 - i) / (k - 1)
+            utils.append(u)
+        return list(golds), utils
+
+    def judge(self, task, responses: list[str], rng: random.Random | int,
+              golds: list[float] | None = None, ended: list[bool] | None = None) -> Judgement:
+        """Rank `responses` (shown in this order) to `task`; `rng` is a random.Random or a seed.
+
+        `golds` may be passed when already computed (they are not recomputed then).
+        """
+        if not isinstance(rng, random.Random):
+            rng = random.Random(rng)
+        golds, utils = self.utilities(task, responses, golds, ended)
+        if self.tau == 0:
+            keys = utils
+        else:
+            # u/tau + Gumbel(0, 1): sorting these draws a Plackett-Luce ranking.
+            keys = [u / self.tau - math.log(-math.log(max(rng.random(), 1e-300))) for u in utils]
+        ranking = sorted(range(len(responses)), key=lambda i: (-keys[i], i))
+        return Judgement(ranking, golds, utils)
+
+    def rank(self, task, responses: list[str], rng: random.Random | int, ended: list[bool] | None = None) -> list[int]:
+        """Indices of `responses`, best first, as this labeler would rank them."""
+        return self.judge(task, responses, rng, ended=ended).ranking
+
+    def prob_prefers(self, task, a: str, b: str) -> float:
+        """P(a ranked above b) when a is shown first and b second, under this labeler's model."""
+        _, (ua, ub) = self.utilities(task, [a, b])
+        if self.tau == 0:
+            return 1.0 if ua >= ub else 0.0
+        return sigmoid((ua - ub) / self.tau)
+
+
+def ranking_to_pairs(ranking: list[int]) -> list[tuple[int, int]]:
+    """All K(K-1)/2 (better, worse) pairs a K-wise ranking implies (InstructGPT-style)."""
+    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
