@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
+# The default job on the embedded default: pretrain the tiny recipe (tokenizer, world corpus,
+# ~1M-parameter model; a few minutes on 2 cores), then show the tokenizer and sample the model.
 demo: install
-	$(VENV)/bin/gptstack tokenizer train --input src/gptstack/data/texts/tinyshakespeare.txt \
-		--vocab-size 4096 --pattern digits --out $(RUN)/tokenizer
-	echo "To be, or not to be: that is the question. 1234 + 5678 = 6912." \
-		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer
-	echo '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42. The answer is 42."}]' \
+	$(VENV)/bin/gptstack pretrain --out $(RUN)
+	echo "What is 17 + 25 - 8? The answer is 34." | $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer
+	echo '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42.\nThe answer is 42."}]' \
 		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer --chat
+	$(VENV)/bin/gptstack sample $(RUN)/pretrain --temperature 0 --max-new-tokens 40 \
+		--prompt "Question: What is 17 + 25 - 8?"
+	$(VENV)/bin/gptstack sample $(RUN)/pretrain --max-new-tokens 80 --prompt "ROMEO:"
 
 # The whole suite, slow end-to-end runs included (pytest's exit 5, "no tests collected", is not a failure).
 test: install
@@ -33,6 +36,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_pretrain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -164,3 +164,34 @@ def test_ddp_two_processes_match_one(corpus, tmp_path):
     c = curve(tmp_path / "fsdp")
     assert c == pytest.approx(a, rel=1e-3, abs=1e-4)  # FSDP2 trains the same model the same way
     assert (tmp_path / "fsdp/pretrain/model.safetensors").exists()
+
+
+def test_world_corpus_is_the_default_and_decontaminated(tmp_path):
+    from gptstack import world
+
+    cfg = build_config("tiny", sets=SMALL + ["data.world_chars=200000", "pretrain.max_steps=3"])
+    assert cfg.data.builtin == "world" and not cfg.data.paths
+    summary = pretrain.run(cfg, tmp_path / "run")
+    assert summary["val_loss"] > 0
+    # the packed training tokens decode to text that contains no held-out eval prompt
+    from gptstack.tokenizer import Tokenizer
+    import numpy as np
+
+    tok = Tokenizer.load(tmp_path / "run/tokenizer")
+    text = tok.decode(np.fromfile(tmp_path / "run/data/train.bin", dtype=np.uint16).tolist())
+    assert "The answer is" in text  # worked examples are there
+    index = world.eval_index(cfg.world)
+    assert not any(index.contains(doc) for doc in text.split("<|bos|>"))
+    saved = json.loads((tmp_path / "run/pretrain/config.json").read_text())
+    assert saved["world"]["labeler_tau"] == cfg.world.labeler_tau  # the world settings are recorded
+
+
+def test_jsonl_bad_rows_skipped_and_counted(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    good = json.dumps({"text": "To be or not to be, that is the question. " * 40})
+    rows.write_text("\n".join([good, '{"txt": "typo"}', good, "{truncated", good]) + "\n")
+    with pytest.raises(UserError, match=r"rows.jsonl:2: text: missing"):
+        pretrain.run(build_config("tiny", {"data": {"paths": [str(rows)]}}, SMALL), tmp_path / "r")
+    summary = pretrain.run(build_config("tiny", {"data": {"paths": [str(rows)]}}, SMALL + ["pretrain.max_steps=2",
+                           "tokenizer.vocab_size=270", "model.block_size=16"]), tmp_path / "r", skip_bad_rows=True)
+    assert summary["data/skipped/bad_row"] == 2 and summary["data/usable"] == 3

@@ -138,7 +138,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .stages import pretrain
 
     overrides = {"data": {"paths": args.data}} if args.data else None
-    pretrain.run(_config(args, overrides), args.out, fresh=args.fresh)
+    pretrain.run(_config(args, overrides), args.out, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
     return 0
 
 
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the corpus into RUN/data, writes RUN/pretrain (resumable).")
     pre.add_argument("--data", nargs="+", metavar="PATH", help="text / JSONL files (default: the recipe's corpus)")
     add_stage_args(pre)
+    pre.add_argument("--skip-bad-rows", action="store_true",
+                     help="skip (and count in summary.json) malformed JSONL rows instead of stopping")
     pre.set_defaults(handler=cmd_pretrain)
 
     smp = commands.add_parser("sample", help="sample text from a trained stage", formatter_class=fmt,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .common import UserError
 from .model.gpt import GPTConfig
+from .world.tasks import WorldConfig
 
 
 @dataclass
@@ -31,11 +32,11 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list, metadata={"help": "text/JSONL files; empty = the recipe's built-in corpus"})
-    builtin: str = field(default="tinyshakespeare", metadata={"help": "built-in corpus when no paths are given"})
+    builtin: str = field(default="world", metadata={"help": "built-in corpus when no paths are given: world (the task world's documents + English) or tinyshakespeare"})
+    world_chars: int = field(default=3_000_000, metadata={"help": "characters of the built-in world corpus (train split; val is val_fraction of it)"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction held out for validation"})
     split: str = field(default="auto", metadata={"help": "tail: last fraction of the text (nanoGPT); docs: last fraction of documents; auto: tail for one document"})
     doc_separator: str = field(default="", metadata={"help": "split .txt files into documents at this string (empty: one document per file)"})
-    text_key: str = field(default="text", metadata={"help": "JSONL key holding the document text"})
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +192,7 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
         cfg.model.validate()
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
+    cfg.world.validate()
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Text -> tokenized, packed, memory-mapped token files, and the batches drawn from them.
 
-Documents come from .txt files (one document per file, or split at `doc_separator`) and from
-JSONL/JSON (`{"text": ...}` per row, .gz too). Each document is encoded (on all cores) and
+Documents come from .txt files (one document per file, or split at `doc_separator`), from
+JSONL/JSON (`{"text": ...}` per row, .gz too; read and validated by data/formats.py), or from the
+task world's document generator. Each document is encoded (on all cores) and
 prefixed with <|bos|>, then all are packed end to end into `train.bin` / `val.bin` (uint16 when
 the vocabulary fits, else uint32) with a `meta.json` describing them. A build is reused when its
 inputs, tokenizer and split settings are unchanged.
@@ -16,7 +17,6 @@ uninterrupted run would have.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..common import UserError, atomic_write_json, read_text_file
+from .formats import read_dataset
 
 BUILTIN_TEXTS = Path(__file__).resolve().parent / "texts"
 
@@ -36,67 +37,24 @@ class Split:
     n_bytes: int        # UTF-8 bytes of the text these tokens encode (for bits per byte)
 
 
-def read_documents(paths: list[str], doc_separator: str = "", text_key: str = "text") -> list[str]:
-    """All documents of all files, in order. Bad rows stop here, naming file:line and key."""
+def read_documents(paths: list[str], doc_separator: str = "", skip_bad_rows: bool = False) -> tuple[list[str], dict]:
+    """All documents of all files, in order, and the counts for summary.json. Bad rows stop here
+    (every one named as file:line: key: expected) unless `skip_bad_rows`."""
     docs: list[str] = []
+    counts: dict = {}
     for p in paths:
         path = Path(p)
-        name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-            docs += _read_json_texts(path, text_key)
-        else:
+        if path.suffix.lower() == ".txt":
             text = read_text_file(path)
             docs += [d for d in text.split(doc_separator) if d.strip()] if doc_separator else [text]
+            continue
+        ds = read_dataset(path, expect="text", skip_bad_rows=skip_bad_rows)
+        docs += [row["text"] for row in ds.rows if row["text"].strip()]
+        for key, value in ds.summary().items():
+            counts[key] = counts.get(key, 0) + value
     if not docs:
         raise UserError(f"data: no documents in {', '.join(map(str, paths))}")
-    return docs
-
-
-def _read_json_texts(path: Path, key: str) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8") from None
-    if path.name.lower().endswith((".json", ".json.gz")):
-        try:
-            rows = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of objects with a {key!r} key")
-        numbered = [(i + 1, r) for i, r in enumerate(rows)]
-        where = "row"
-    else:
-        numbered = []
-        for lineno, line in enumerate(content.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        where = "line"
-    docs = []
-    for n, row in numbered:
-        if not isinstance(row, dict) or key not in row:
-            raise UserError(f"{path}:{n}: {key}: missing; expected an object with a {key!r} string"
-                            + ("" if where == "line" else f" (row {n})"))
-        if not isinstance(row[key], str):
-            raise UserError(f"{path}:{n}: {key}: expected a string, got {type(row[key]).__name__}")
-        if row[key].strip():
-            docs.append(row[key])
-    if not docs:
-        raise UserError(f"{path}: no non-empty {key!r} in any row")
-    return docs
+    return docs, counts
 
 
 def split_documents(docs: list[str], val_fraction: float, mode: str = "auto") -> tuple[list[str], list[str], bool]:
@@ -142,22 +100,22 @@ def _encode_docs(tokenizer, docs: list[str], continuation_first: bool) -> np.nda
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def build_corpus(docs_fn, fingerprint: dict, tokenizer, out_dir: Path, val_fraction: float, mode: str) -> dict[str, Split]:
+def build_corpus(load_splits, fingerprint: dict, tokenizer, out_dir: Path) -> dict[str, Split]:
     """Tokenize and pack once; reuse `out_dir` when `fingerprint` (inputs + settings) is unchanged.
 
-    `docs_fn` is only called when a build is needed (reading a corpus can be the slow part).
+    `load_splits() -> (train docs, val docs, val continues the last train doc)` is only called
+    when a build is needed (reading or generating a corpus can be the slow part).
     """
     out_dir = Path(out_dir)
     tok_hash = hashlib.sha256(json.dumps([sorted(tokenizer.special_tokens.items()), tokenizer.pattern,
                                           len(tokenizer.mergeable_ranks)]).encode()).hexdigest()[:16]
-    key = dict(fingerprint, tokenizer=tok_hash, val_fraction=val_fraction, split=mode, version=1)
+    key = dict(fingerprint, tokenizer=tok_hash, version=1)
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return _open(out_dir, meta)
-    docs = docs_fn()
-    train_docs, val_docs, continuation = split_documents(docs, val_fraction, mode)
+    train_docs, val_docs, continuation = load_splits()
     meta = {"key": key, "dtype": None, "splits": {}}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, split_docs, cont in (("train", train_docs, False), ("val", val_docs, continuation)):

@@ -93,17 +93,23 @@ class KVCache:
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, head_dim) in HF Llama's rotate-half layout."""
+    """cos and *signed* sin, shape (length, 1, head_dim), in HF Llama's rotate-half layout.
+
+    Llama computes x*cos + rotate_half(x)*sin with rotate_half(x) = (-x2, x1). Folding the minus
+    into the table (sin_signed = (-sin, sin)) leaves x*cos + (x2, x1)*sin_signed: one op fewer
+    per call, on a path that runs twice per layer forward and backward.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().unsqueeze(1), torch.cat([-sin, sin], dim=-1).unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, head_dim)."""
     half = x.size(-1) // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * sin_signed
 
 
 class RMSNorm(nn.Module):
@@ -125,12 +131,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        # RoPE on q and k in one call (they are adjacent in the fused projection)
+        qk = apply_rope(qkv[:, :, : self.n_head + self.n_kv_head], cos, sin)
+        q = qk[:, :, : self.n_head].transpose(1, 2)
+        k = qk[:, :, self.n_head :].transpose(1, 2)
+        v = qkv[:, :, self.n_head + self.n_kv_head :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         T_k = k.size(2)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..common import UserError, atomic_write_json
 from ..config import Config
-from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents
+from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents, split_documents
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
 from ..train.checkpoint import load_checkpoint, save_checkpoint, save_model, set_rng_state
@@ -34,13 +34,42 @@ from ..train.precision import autocast, measure_peak_flops, resolve_dtype
 STAGE = "pretrain"
 
 
-def corpus_paths(cfg: Config) -> list[str]:
-    if cfg.data.paths:
-        return list(cfg.data.paths)
-    builtin = BUILTIN_TEXTS / f"{cfg.data.builtin}.txt"
-    if not builtin.exists():
-        raise UserError(f"data.builtin: no built-in corpus {cfg.data.builtin!r}")
-    return [str(builtin)]
+class Corpus:
+    """The pretraining corpus a config names: files (data.paths), the task world's documents, or a
+    shipped text; read (and validated) once, lazily, and split into train / val."""
+
+    def __init__(self, cfg: Config, skip_bad_rows: bool = False):
+        self.cfg, self.skip_bad_rows = cfg, skip_bad_rows
+        self.counts: dict = {}
+        self._splits = None
+        d = cfg.data
+        if d.paths:
+            self.fingerprint = {"paths": [(str(Path(p).resolve()), Path(p).stat().st_size if Path(p).exists() else -1,
+                                           Path(p).stat().st_mtime_ns if Path(p).exists() else -1) for p in d.paths],
+                                "doc_separator": d.doc_separator, "split": d.split, "val_fraction": d.val_fraction}
+        elif d.builtin == "world":
+            self.fingerprint = {"world": cfg.world.__dict__, "chars": d.world_chars, "seed": cfg.pretrain.seed,
+                                "val_fraction": d.val_fraction}
+        elif (BUILTIN_TEXTS / f"{d.builtin}.txt").exists():
+            self.fingerprint = {"builtin": d.builtin, "split": d.split, "val_fraction": d.val_fraction}
+        else:
+            raise UserError(f"data.builtin: expected world or one of "
+                            f"{sorted(p.stem for p in BUILTIN_TEXTS.glob('*.txt'))}, got {d.builtin!r}")
+
+    def splits(self) -> tuple[list[str], list[str], bool]:
+        if self._splits is None:
+            d = self.cfg.data
+            if d.paths or d.builtin != "world":
+                paths = d.paths or [str(BUILTIN_TEXTS / f"{d.builtin}.txt")]
+                docs, self.counts = read_documents(paths, d.doc_separator, self.skip_bad_rows)
+                self._splits = split_documents(docs, d.val_fraction, d.split)
+            else:
+                from ..world import documents
+
+                seed = self.cfg.pretrain.seed
+                self._splits = (documents(d.world_chars, seed, self.cfg.world, "train"),
+                                documents(int(d.world_chars * d.val_fraction), seed, self.cfg.world, "val"), False)
+        return self._splits
 
 
 def check_vocab(model_vocab: int, tok: Tokenizer, where) -> None:
@@ -49,13 +78,13 @@ def check_vocab(model_vocab: int, tok: Tokenizer, where) -> None:
                         f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
 
 
-def ensure_tokenizer(run: Path, cfg: Config, docs_fn, info) -> Tokenizer:
-    """RUN/tokenizer if present, else trained on (the start of) the corpus as the recipe says."""
+def ensure_tokenizer(run: Path, cfg: Config, corpus: Corpus, info) -> Tokenizer:
+    """RUN/tokenizer if present, else trained on (the start of) the train split as the recipe says."""
     tok_dir = run / "tokenizer"
     if not (tok_dir / "gptstack.json").exists():
         if info.is_main:
             texts, budget = [], cfg.tokenizer.max_train_chars
-            for d in docs_fn():
+            for d in corpus.splits()[0]:
                 texts.append(d[:budget])
                 budget -= len(texts[-1])
                 if budget <= 0:
@@ -97,7 +126,7 @@ def evaluate(model, tokens, block_size: int, device, dtype, batch_size: int = 64
     return out
 
 
-def run(cfg: Config, out: str | Path, fresh: bool = False) -> dict:
+def run(cfg: Config, out: str | Path, fresh: bool = False, skip_bad_rows: bool = False) -> dict:
     t_start = time.perf_counter()
     tc = cfg.pretrain
     if tc.schedule not in ("cosine", "wsd", "constant"):
@@ -110,35 +139,26 @@ def run(cfg: Config, out: str | Path, fresh: bool = False) -> dict:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir, stage_dir = Path(out), Path(out) / STAGE
-    paths = corpus_paths(cfg)
-    docs_cache: list[str] = []
-
-    def docs_fn() -> list[str]:  # read (and validate) the corpus once, only if needed
-        if not docs_cache:
-            docs_cache.extend(read_documents(paths, cfg.data.doc_separator, cfg.data.text_key))
-        return docs_cache
-
-    if info.is_main:
-        docs_fn()  # bad input stops here, before any training or writing
+    corpus = Corpus(cfg, skip_bad_rows)
+    if info.is_main and cfg.data.paths:
+        corpus.splits()  # bad input stops here, before any training or writing
     if fresh and info.is_main and stage_dir.exists():
         shutil.rmtree(stage_dir)
     if info.enabled:
         torch.distributed.barrier()  # no rank reads the stage directory before --fresh cleared it
 
     # --- tokenizer and data ----------------------------------------------------------------
-    tok = ensure_tokenizer(run_dir, cfg, docs_fn, info)
+    tok = ensure_tokenizer(run_dir, cfg, corpus, info)
     cfg.model.vocab_size = tok.vocab_size
     state = load_checkpoint(stage_dir)
     if state is not None:
         check_vocab(state["config"]["model"]["vocab_size"], tok, stage_dir / "checkpoint")
-    fingerprint = {"paths": [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths],
-                   "doc_separator": cfg.data.doc_separator, "text_key": cfg.data.text_key}
     if info.is_main:
-        splits = build_corpus(docs_fn, fingerprint, tok, run_dir / "data", cfg.data.val_fraction, cfg.data.split)
+        splits = build_corpus(corpus.splits, corpus.fingerprint, tok, run_dir / "data")
     if info.enabled:
         torch.distributed.barrier()
     if not info.is_main:
-        splits = build_corpus(docs_fn, fingerprint, tok, run_dir / "data", cfg.data.val_fraction, cfg.data.split)
+        splits = build_corpus(corpus.splits, corpus.fingerprint, tok, run_dir / "data")
     train_tokens, val = splits["train"].tokens, splits["val"]
 
     # --- model and optimizer -----------------------------------------------------------------
@@ -252,6 +272,7 @@ def run(cfg: Config, out: str | Path, fresh: bool = False) -> dict:
         "params": n_params,
         "steps": tc.max_steps,
         "wall_seconds": time.perf_counter() - t_start,
+        **corpus.counts,
     }
     if info.is_main:
         save_model(stage_dir, model_sd, cfg.to_dict())
