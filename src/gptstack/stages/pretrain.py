@@ -12,24 +12,19 @@ again it resumes from the checkpoint (bit-for-bit on CPU) unless --fresh.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from tqdm.auto import tqdm
 
-from ..common import UserError, atomic_write_json
+from ..common import UserError
 from ..config import Config
 from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents, split_documents
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
-from ..train.checkpoint import load_checkpoint, save_checkpoint, save_model, set_rng_state
-from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0, wrap_model
-from ..train.metrics import MetricsLogger
-from ..train.optim import build_optimizer, lr_at
-from ..train.precision import autocast, measure_peak_flops, resolve_dtype
+from ..train.dist import cleanup, init_distributed, print0
+from ..train.loop import Session, resume_state
+from ..train.precision import autocast, measure_peak_flops
 
 STAGE = "pretrain"
 
@@ -129,28 +124,18 @@ def evaluate(model, tokens, block_size: int, device, dtype, batch_size: int = 64
 def run(cfg: Config, out: str | Path, fresh: bool = False, skip_bad_rows: bool = False) -> dict:
     t_start = time.perf_counter()
     tc = cfg.pretrain
-    if tc.schedule not in ("cosine", "wsd", "constant"):
-        raise UserError(f"pretrain.schedule: expected cosine, wsd or constant, got {tc.schedule!r}")
     info = init_distributed()
-    try:
-        dtype = resolve_dtype(tc.dtype, info.device)
-    except ValueError as e:
-        raise UserError(f"pretrain.{e}") from None
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir, stage_dir = Path(out), Path(out) / STAGE
     corpus = Corpus(cfg, skip_bad_rows)
     if info.is_main and cfg.data.paths:
         corpus.splits()  # bad input stops here, before any training or writing
-    if fresh and info.is_main and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    if info.enabled:
-        torch.distributed.barrier()  # no rank reads the stage directory before --fresh cleared it
+    state = resume_state(stage_dir, fresh, info)
 
     # --- tokenizer and data ----------------------------------------------------------------
     tok = ensure_tokenizer(run_dir, cfg, corpus, info)
     cfg.model.vocab_size = tok.vocab_size
-    state = load_checkpoint(stage_dir)
     if state is not None:
         check_vocab(state["config"]["model"]["vocab_size"], tok, stage_dir / "checkpoint")
     if info.is_main:
@@ -161,124 +146,62 @@ def run(cfg: Config, out: str | Path, fresh: bool = False, skip_bad_rows: bool =
         splits = build_corpus(corpus.splits, corpus.fingerprint, tok, run_dir / "data")
     train_tokens, val = splits["train"].tokens, splits["val"]
 
-    # --- model and optimizer -----------------------------------------------------------------
+    # --- model, optimizer, resume --------------------------------------------------------------
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(info.device)
-    n_params = model.num_params()
     block = cfg.model.block_size
-    tokens_per_step = tc.batch_size * block * tc.grad_accum * info.world
-    assert tokens_per_step == tc.batch_size * tc.grad_accum * info.world * block  # the global batch, derived once
-    train_model = wrap_model(model, info, tc.fsdp)
-    optimizer = build_optimizer(train_model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    sd_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-    start_step = 0
-    if state is not None:
-        set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        start_step = state["step"]
-        set_rng_state(state["rng"])
-        print0(f"resuming {stage_dir} from step {start_step}", info=info)
-    step_model = torch.compile(train_model) if tc.compile else train_model
-    logger = MetricsLogger(stage_dir, resume_step=start_step if state else None, enabled=info.is_main)
-    if info.is_main:
-        atomic_write_json(stage_dir / "config.json", cfg.to_dict())
-    peak = tc.peak_flops or measure_peak_flops(info.device, dtype)
+    tokens_per_step = tc.batch_size * block * tc.grad_accum * info.world  # the global batch, derived once
+    session = Session.start(tc, STAGE, model, stage_dir, info, cfg.to_dict(), state)
+    peak = tc.peak_flops or measure_peak_flops(info.device, session.dtype)
     flops_per_token = model.flops_per_token()
-    print0(f"model: {n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, context {block}; "
+    print0(f"model: {model.num_params() / 1e6:.2f}M params, vocab {tok.vocab_size}, context {block}; "
            f"{tokens_per_step} tokens/step x {tc.max_steps} steps; {len(train_tokens):,} train tokens; "
-           f"dtype {str(dtype).removeprefix('torch.')}, {info.world} process(es)", info=info)
+           f"dtype {str(session.dtype).removeprefix('torch.')}, {info.world} process(es)", info=info)
 
-    def checkpoint(step: int) -> None:
-        model_sd, optim_sd = get_state_dict(train_model, optimizer, options=sd_options)
-        if info.is_main:
-            save_checkpoint(stage_dir, model_sd, optim_sd, step, cfg.to_dict())
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        x, y = get_batch(train_tokens, tc.batch_size, block, tc.seed, step, micro, info.rank, info.world)
+        return session.step_model(x.to(info.device), y.to(info.device))
 
     # --- the loop ------------------------------------------------------------------------------
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc=STAGE, unit="step", disable=not info.is_main,
-               dynamic_ncols=True, mininterval=1.0)
-    bad_steps, t_last, tokens_since = 0, time.perf_counter(), 0
-    last_step = min(tc.max_steps, tc.stop_at) if tc.stop_at else tc.max_steps
-    for step in range(start_step, last_step):
-        lr = lr_at(step, tc.max_steps, tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(tc.grad_accum):
-            x, y = get_batch(train_tokens, tc.batch_size, block, tc.seed, step, micro, info.rank, info.world)
-            x, y = x.to(info.device), y.to(info.device)
-            sync = micro == tc.grad_accum - 1
-            if info.enabled and not tc.fsdp and not sync:
-                ctx = train_model.no_sync()
-            else:
-                ctx = torch.enable_grad()
-            with ctx:
-                if info.enabled and tc.fsdp:
-                    train_model.set_requires_gradient_sync(sync)
-                with autocast(info.device, dtype):
-                    loss = step_model(x, y)
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.item()
-        train_loss = all_reduce_mean(loss_sum / tc.grad_accum, info)
-        if not math.isfinite(train_loss):
-            # NaN/inf guard: drop this update; stop if it keeps happening (the checkpoint on disk
-            # is the last good state).
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            if bad_steps >= tc.max_bad_steps:
-                raise RuntimeError(f"loss was {train_loss} for {bad_steps} consecutive steps at step {step}; "
-                                   f"stopping (last good checkpoint: {stage_dir / 'checkpoint'}); lower pretrain.lr?")
+    tokens_since = 0
+    for step in range(session.start_step, session.last_step):
+        lr = session.set_lr(step)
+        result = session.optimizer_step(lambda micro: micro_loss(step, micro), step)
+        session.bar.update(1)
+        if result is None:
             continue
-        bad_steps = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss, grad_norm = result
         tokens_since += tokens_per_step
         done = step + 1
-
-        # --- log / eval / checkpoint ---
         if done % tc.log_every == 0 or done == tc.max_steps:
-            now = time.perf_counter()
-            tok_s = tokens_since / (now - t_last)
+            tok_s = tokens_since / session.seconds_since_last_log()
             mfu = flops_per_token * tok_s / (peak * info.world)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-            logger.log(done, **{"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                                "perf/tokens_per_sec": tok_s, "perf/mfu": mfu, "tokens_seen": done * tokens_per_step})
-            t_last, tokens_since = now, 0
+            tokens_since = 0
+            session.log(done, {"loss": f"{train_loss:.3f}", "tok_s": f"{tok_s:,.0f}", "mfu": f"{mfu:.1%}"},
+                        **{"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "perf/tokens_per_sec": tok_s, "perf/mfu": mfu, "tokens_seen": done * tokens_per_step})
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
-            est = evaluate(model, val.tokens, block, info.device, dtype, n_batches=tc.eval_batches, seed=tc.seed)
-            logger.log(done, **{"val/loss_estimate": est["loss"]})
+            est = evaluate(model, val.tokens, block, info.device, session.dtype, n_batches=tc.eval_batches, seed=tc.seed)
+            session.log(done, **{"val/loss_estimate": est["loss"]})
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
-            checkpoint(done)
-        bar.update(1)
-    bar.close()
-    if last_step < tc.max_steps:  # time-boxed: leave a checkpoint to resume from, nothing final
-        if last_step > start_step:
-            checkpoint(last_step)
-        logger.close()
-        print0(f"{STAGE}: stopped at step {last_step} of {tc.max_steps} (pretrain.stop_at); rerun to resume", info=info)
+            session.checkpoint(done)
+    if session.stopped_early():
         cleanup(info)
-        return {"stopped_at": last_step}
+        return {"stopped_at": session.last_step}
 
     # --- final: full-split evaluation, weights, summary -------------------------------------------
-    final = evaluate(model, val.tokens, block, info.device, dtype, bytes_per_split=val.n_bytes, tokenizer=tok)
-    checkpoint(tc.max_steps)
-    model_sd, _ = get_state_dict(train_model, optimizer, options=sd_options)
+    final = evaluate(model, val.tokens, block, info.device, session.dtype, bytes_per_split=val.n_bytes, tokenizer=tok)
     summary = {
         "val_loss": final["loss"],
         "val_bpb": final["bpb"],
         "val_tokens": final["tokens"],
         "tokens_seen": tc.max_steps * tokens_per_step,
-        "params": n_params,
+        "params": model.num_params(),
         "steps": tc.max_steps,
         "wall_seconds": time.perf_counter() - t_start,
         **corpus.counts,
     }
-    if info.is_main:
-        save_model(stage_dir, model_sd, cfg.to_dict())
-        atomic_write_json(stage_dir / "summary.json", summary)
-        logger.log(tc.max_steps, **{"val/loss": final["loss"], "val/bpb": final["bpb"]})
-    logger.close()
+    session.finish(summary, **{"val/loss": final["loss"], "val/bpb": final["bpb"]})
     print0(f"{STAGE}: val_loss {final['loss']:.4f} nats/token, val_bpb {final['bpb']:.4f}, "
            f"{summary['wall_seconds']:.1f} s; wrote {stage_dir}", info=info)
     cleanup(info)

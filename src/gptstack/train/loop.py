@@ -1,0 +1,183 @@
+"""What every training stage's loop shares, so each stage file keeps only its own algorithm:
+
+    session = Session.start(cfg.section, model, stage_dir, info, cfg.to_dict())   # resume, optimizer, logger
+    for step in range(session.start_step, session.last_step):
+        session.set_lr(step)
+        loss, grad_norm = session.optimizer_step(lambda micro: model_loss(batch(step, micro)))
+        ...log / eval / session.checkpoint(step + 1)...
+    session.finish(final_summary)
+
+A Session owns: the (DDP/FSDP-wrapped) model and its optimizer, restoring both plus RNG from the
+stage's checkpoint, the learning-rate schedule, gradient accumulation with the right DDP/FSDP
+sync, clipping, the NaN/inf guard, atomic checkpoints, metrics and the progress bar.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm.auto import tqdm
+
+from ..common import UserError, atomic_write_json
+from .checkpoint import load_checkpoint, save_checkpoint, save_model, set_rng_state
+from .dist import DistInfo, all_reduce_mean, print0, wrap_model
+from .metrics import MetricsLogger
+from .optim import build_optimizer, lr_at
+from .precision import autocast, resolve_dtype
+
+SCHEDULES = ("cosine", "wsd", "constant")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass
+class Session:
+    tc: object                      # the stage's TrainConfig section
+    section: str                    # its name in the config ("pretrain", "sft", ...)
+    model: torch.nn.Module          # the plain model (eval, generation, saving)
+    train_model: torch.nn.Module    # wrapped for DDP/FSDP
+    step_model: torch.nn.Module     # compiled when asked
+    optimizer: torch.optim.Optimizer
+    info: DistInfo
+    stage_dir: Path
+    config: dict
+    dtype: torch.dtype
+    logger: MetricsLogger
+    start_step: int = 0
+    bad_steps: int = 0
+    bar: tqdm | None = None
+    _t_last: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, tc, section: str, model: torch.nn.Module, stage_dir: Path, info: DistInfo, config: dict,
+              state: dict | None = None) -> "Session":
+        """Wrap, build the optimizer, restore `state` (a loaded checkpoint) if given."""
+        if tc.schedule not in SCHEDULES:
+            raise UserError(f"{section}.schedule: expected one of {', '.join(SCHEDULES)}, got {tc.schedule!r}")
+        try:
+            dtype = resolve_dtype(tc.dtype, info.device)
+        except ValueError as e:
+            raise UserError(f"{section}.{e}") from None
+        if tc.batch_size < 1 or tc.grad_accum < 1 or tc.max_steps < 1:
+            raise UserError(f"{section}: batch_size, grad_accum and max_steps must be >= 1")
+        train_model = wrap_model(model, info, tc.fsdp)
+        optimizer = build_optimizer(train_model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        start_step = 0
+        if state is not None:
+            set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+            start_step = state["step"]
+            set_rng_state(state["rng"])
+            print0(f"resuming {stage_dir} from step {start_step}", info=info)
+        step_model = torch.compile(train_model) if tc.compile else train_model
+        logger = MetricsLogger(stage_dir, resume_step=start_step if state is not None else None, enabled=info.is_main)
+        if info.is_main:
+            atomic_write_json(stage_dir / "config.json", config)
+        session = cls(tc, section, model, train_model, step_model, optimizer, info, Path(stage_dir), config, dtype,
+                      logger, start_step)
+        session.bar = tqdm(total=tc.max_steps, initial=start_step, desc=section, unit="step",
+                           disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
+        return session
+
+    @property
+    def last_step(self) -> int:
+        return min(self.tc.max_steps, self.tc.stop_at) if self.tc.stop_at else self.tc.max_steps
+
+    def set_lr(self, step: int) -> float:
+        tc = self.tc
+        lr = lr_at(step, tc.max_steps, tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def autocast(self):
+        return autocast(self.info.device, self.dtype)
+
+    def optimizer_step(self, micro_loss: Callable[[int], torch.Tensor], step: int) -> tuple[float, float] | None:
+        """Accumulate grad_accum micro-batch losses (micro_loss(i) runs the forward), clip, step.
+
+        Returns (mean loss over micro-batches and ranks, grad norm), or None when the loss was not
+        finite: the update is dropped, and after max_bad_steps in a row the run stops (the last
+        checkpoint on disk is the last good state)."""
+        tc, info = self.tc, self.info
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            sync = micro == tc.grad_accum - 1
+            ddp_no_sync = info.enabled and not tc.fsdp and not sync
+            with self.train_model.no_sync() if ddp_no_sync else torch.enable_grad():
+                if info.enabled and tc.fsdp:
+                    self.train_model.set_requires_gradient_sync(sync)
+                with self.autocast():
+                    loss = micro_loss(micro)
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        loss = all_reduce_mean(loss_sum / tc.grad_accum, info)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= tc.max_bad_steps:
+                raise RuntimeError(f"{self.section}: loss was {loss} for {self.bad_steps} consecutive steps at step "
+                                   f"{step}; stopping (last good checkpoint: {self.stage_dir / 'checkpoint'}); "
+                                   f"lower {self.section}.lr?")
+            return None
+        self.bad_steps = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, float(grad_norm)
+
+    def seconds_since_last_log(self) -> float:
+        now = time.perf_counter()
+        dt, self._t_last = now - self._t_last, now
+        return dt
+
+    def log(self, step: int, postfix: dict | None = None, **values) -> None:
+        if postfix and self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.logger.log(step, **values)
+
+    def full_state_dicts(self) -> tuple[dict, dict]:
+        return get_state_dict(self.train_model, self.optimizer, options=_FULL)
+
+    def checkpoint(self, step: int) -> None:
+        model_sd, optim_sd = self.full_state_dicts()
+        if self.info.is_main:
+            save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config)
+
+    def stopped_early(self) -> bool:
+        """After the loop: True (with a checkpoint) when stop_at cut the schedule short."""
+        self.bar.close()
+        if self.last_step >= self.tc.max_steps:
+            return False
+        if self.last_step > self.start_step:
+            self.checkpoint(self.last_step)
+        self.logger.close()
+        print0(f"{self.section}: stopped at step {self.last_step} of {self.tc.max_steps} ({self.section}.stop_at); "
+               "rerun to resume", info=self.info)
+        return True
+
+    def finish(self, summary: dict, **final_metrics) -> None:
+        """Final checkpoint, weights, summary.json and the last metrics line."""
+        self.checkpoint(self.tc.max_steps)
+        model_sd, _ = self.full_state_dicts()
+        if self.info.is_main:
+            save_model(self.stage_dir, model_sd, self.config)
+            atomic_write_json(self.stage_dir / "summary.json", summary)
+            if final_metrics:
+                self.logger.log(self.tc.max_steps, **final_metrics)
+        self.logger.close()
+
+
+def resume_state(stage_dir: Path, fresh: bool, info: DistInfo) -> dict | None:
+    """--fresh clears the stage directory (rank 0, before anyone reads it); else the checkpoint, if any."""
+    import shutil
+
+    if fresh and info.is_main and Path(stage_dir).exists():
+        shutil.rmtree(stage_dir)
+    if info.enabled:
+        torch.distributed.barrier()
+    return load_checkpoint(stage_dir)
