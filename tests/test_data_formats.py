@@ -183,9 +183,14 @@ def test_irregular_rows_are_skipped_and_counted_by_reason(tmp_path):
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
             {"messages": [{"role": "user", "content": "a"}]},
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
-    ds = read_dataset(write_jsonl(tmp_path / "m.jsonl", msgs))
-    assert ds.usable == 1 and ds.skipped == {"same role twice in a row": 1, "empty final assistant turn": 1,
-                                             "does not end with an assistant turn": 1}
+    # a conversation written for fine-tuning is held to the format: each problem is a file:line error
+    with pytest.raises(UserError) as e:
+        read_dataset(write_jsonl(tmp_path / "m.jsonl", msgs))
+    assert "m.jsonl:1: messages[1]: same role twice in a row" in str(e.value)
+    assert "m.jsonl:2: messages[1]: empty final assistant turn; expected non-empty content" in str(e.value)
+    assert "m.jsonl:3: messages[0]: does not end with an assistant turn" in str(e.value)
+    ds = read_dataset(tmp_path / "m.jsonl", skip_bad_rows=True)
+    assert ds.usable == 1 and ds.skipped == {"bad row": 3}
 
 
 def test_transcript_parsing():

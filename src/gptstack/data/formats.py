@@ -252,26 +252,44 @@ def _messages(value, key: str) -> list[dict]:
     return out
 
 
-def _conversation(msgs: list[dict], final: str) -> list[dict]:
-    """Irregularities of a conversation that must end with role `final`; returns it stripped."""
+def _conversation(msgs: list[dict], final: str, strict_key: str | None = None) -> list[dict]:
+    """Irregularities of a conversation that must end with role `final`; returns it stripped.
+
+    Transcripts mined from real data (hh-rlhf) have such rows and they are skipped and counted.
+    A conversation a user wrote for fine-tuning (`strict_key`, the row's key) is held to the
+    format: the same problems are errors naming the message, like any structural error.
+    """
+    def irregular(reason: str, index: int | None = None, expected: str = ""):
+        if strict_key is None:
+            return _Irregular(reason)
+        where = strict_key if index is None else f"{strict_key}[{index}]"
+        return _Bad(where, f"{reason}; expected {expected}" if expected else reason)
+
     if not msgs:
-        raise _Irregular("empty conversation")
-    for m in msgs:
+        raise irregular("empty conversation", expected=f"at least a user and an {final} turn")
+    for i, m in enumerate(msgs):
         if m["role"] not in ROLES:
+            if strict_key is not None:
+                raise _Bad(f"{strict_key}[{i}].role", f"expected one of {', '.join(ROLES)}, got {m['role']!r}")
             raise _Irregular("unsupported role")
-    if any(m["role"] == "system" for m in msgs[1:]):
-        raise _Irregular("system message after the start")
-    turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    for i, m in enumerate(msgs[1:], start=1):
+        if m["role"] == "system":
+            raise irregular("system message after the start", i, "system only as the first message")
+    offset = 1 if msgs[0]["role"] == "system" else 0
+    turns = msgs[offset:]
     if not turns or turns[0]["role"] != "user":
-        raise _Irregular("does not start with a user turn")
-    if any(a["role"] == b["role"] for a, b in zip(turns, turns[1:])):
-        raise _Irregular("same role twice in a row")
+        raise irregular("does not start with a user turn", offset, "role 'user'")
+    for i, (a, b) in enumerate(zip(turns, turns[1:]), start=offset + 1):
+        if a["role"] == b["role"]:
+            raise irregular("same role twice in a row", i, "user and assistant turns to alternate")
     if turns[-1]["role"] != final:
-        raise _Irregular(f"does not end with a{'n' if final == 'assistant' else ''} {final} turn")
+        raise irregular(f"does not end with a{'n' if final == 'assistant' else ''} {final} turn", len(msgs) - 1,
+                        f"the last message to be the {final}'s")
     if not turns[-1]["content"].strip():
-        raise _Irregular(f"empty final {final} turn")
-    if any(not m["content"].strip() for m in turns[:-1]):
-        raise _Irregular("empty turn")
+        raise irregular(f"empty final {final} turn", len(msgs) - 1, "non-empty content")
+    for i, m in enumerate(turns[:-1], start=offset):
+        if not m["content"].strip():
+            raise irregular("empty turn", i, "non-empty content")
     return [{"role": m["role"], "content": m["content"].strip()} for m in msgs]
 
 
@@ -344,7 +362,7 @@ def _row_text(row: dict) -> list[dict]:
 def _row_messages(row: dict) -> list[dict]:
     if "messages" not in row:
         raise _Bad("messages", "missing, expected a list of {role, content} messages")
-    return [{"messages": _conversation(_messages(row["messages"], "messages"), "assistant")}]
+    return [{"messages": _conversation(_messages(row["messages"], "messages"), "assistant", strict_key="messages")}]
 
 
 def _prompt_or_messages(row: dict, key: str):
@@ -363,7 +381,7 @@ def _row_prompt_completion(row: dict) -> list[dict]:
     else:
         messages = (_messages(p, "prompt") if isinstance(p, list) else [{"role": "user", "content": p}]) \
             + _messages(c, "completion")
-    return [{"messages": _conversation(messages, "assistant")}]
+    return [{"messages": _conversation(messages, "assistant", strict_key="messages")}]
 
 
 def _row_prompt_only(row: dict) -> list[dict]:
