@@ -53,3 +53,10 @@ def test_bad_recipe_file(tmp_path):
         build_config(str(bad))
     with pytest.raises(UserError, match="no such recipe.*did you mean tiny"):
         build_config("tiyn")
+
+
+def test_model_presets():
+    cfg = build_config("tiny", sets=["model.preset=mini", "model.n_layer=3"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (3, 6, 384)
+    with pytest.raises(UserError, match="model.preset: expected one of"):
+        build_config("tiny", sets=["model.preset=huge"])

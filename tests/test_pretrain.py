@@ -195,3 +195,11 @@ def test_jsonl_bad_rows_skipped_and_counted(tmp_path):
     summary = pretrain.run(build_config("tiny", {"data": {"paths": [str(rows)]}}, SMALL + ["pretrain.max_steps=2",
                            "tokenizer.vocab_size=270", "model.block_size=16"]), tmp_path / "r", skip_bad_rows=True)
     assert summary["data/skipped/bad_row"] == 2 and summary["data/usable"] == 3
+
+
+@pytest.mark.parametrize("sets", [["pretrain.dtype=bfloat16"],
+                                  pytest.param(["pretrain.compile=true"], marks=pytest.mark.slow)])
+def test_bf16_and_compile_paths_train(corpus, tmp_path, sets):
+    summary = pretrain.run(cfg_for(corpus, "pretrain.max_steps=6", *sets), tmp_path / "run")
+    rows = [r["train/loss"] for r in read_metrics(tmp_path / "run/pretrain/metrics.jsonl") if "train/loss" in r]
+    assert len(rows) == 6 and rows[-1] < rows[0] and summary["val_loss"] < rows[0]

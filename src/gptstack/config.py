@@ -18,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 from .common import UserError
-from .model.gpt import GPTConfig
+from .model.gpt import PRESETS, GPTConfig
 from .world.tasks import WorldConfig
+from .eval.config import EvalConfig
 
 
 @dataclass
@@ -68,12 +69,27 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: the training fields of TrainConfig with fine-tuning defaults."""
+
+    batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch per process"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    eval_every: int = field(default=0, metadata={"help": "run the eval protocol every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
+    demos: int = field(default=20000, metadata={"help": "world demonstrations to fine-tune on (when no --data file)"})
+
+
+@dataclass
 class Config:
     name: str = field(default="tiny", metadata={"help": "recipe name"})
     model: GPTConfig = field(default_factory=GPTConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_dict(self) -> dict:
@@ -179,15 +195,24 @@ def _nest(path: list[str], value) -> dict:
 
 
 def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list[str] = ()) -> Config:
-    """defaults <- recipe <- `overrides` (nested dict from a command's flags) <- `--set` items."""
+    """defaults <- recipe <- `overrides` (nested dict from a command's flags) <- `--set` items.
+
+    `model.preset` (nano, tiny, mini, small, 124m; see model/gpt.py PRESETS) sets the model's sizes
+    where it is named, so later keys (or later --set items) still override single sizes."""
     cfg = Config()
     values, origin = load_recipe(recipe)
-    _apply(cfg, values, origin)
-    if overrides:
-        _apply(cfg, overrides, "flags")
+    layers = [(values, origin)] + ([(overrides, "flags")] if overrides else [])
     for item in sets:
         path, value = _parse_set(item)
-        _apply(cfg, _nest(path, value), f"--set {item}")
+        layers.append((_nest(path, value), f"--set {item}"))
+    for layer, where in layers:
+        model = layer.get("model")
+        if isinstance(model, dict) and "preset" in model:  # a preset is applied where it is named
+            name = model.pop("preset")
+            if name not in PRESETS:
+                raise UserError(f"{where}: model.preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+            _apply(cfg, {"model": PRESETS[name]}, f"preset {name}")
+        _apply(cfg, layer, where)
     try:
         cfg.model.validate()
     except ValueError as e:
