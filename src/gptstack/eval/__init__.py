@@ -1,0 +1,1 @@
+"""Evaluation: the shared protocol every policy stage reports through (protocol.py)."""
