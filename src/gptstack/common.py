@@ -48,6 +48,19 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> N
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_bytes_file(path: str | os.PathLike, expected: str = "a file") -> bytes:
+    """A file's bytes, or a `UserError` naming it: missing, a directory, unreadable."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected {expected}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_text_file(path: str | os.PathLike) -> str:
     """Read a UTF-8 text file, turning every way it can be unusable into a `UserError`.
 
@@ -55,14 +68,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     file name and, for bad bytes, the line and byte offset of the first one.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a text file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_bytes_file(path, "a text file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

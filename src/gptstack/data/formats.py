@@ -48,7 +48,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import UserError
+from ..common import UserError, read_bytes_file
 
 KINDS = ("text", "sft", "prompt", "preference", "verifiable", "ranking")
 ROLES = ("system", "user", "assistant")
@@ -127,14 +127,7 @@ class _Irregular(Exception):
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a data file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_bytes_file(path, "a data file")
     if path.suffix == ".gz":
         try:
             data = gzip.decompress(data)

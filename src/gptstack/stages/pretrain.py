@@ -22,6 +22,7 @@ from ..config import Config
 from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents, split_documents
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
+from ..train.checkpoint import check_vocab
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 from ..train.precision import autocast, measure_peak_flops
@@ -65,12 +66,6 @@ class Corpus:
                 self._splits = (documents(d.world_chars, seed, self.cfg.world, "train"),
                                 documents(int(d.world_chars * d.val_fraction), seed, self.cfg.world, "val"), False)
         return self._splits
-
-
-def check_vocab(model_vocab: int, tok: Tokenizer, where) -> None:
-    if model_vocab != tok.vocab_size:
-        raise UserError(f"{where}: the model has vocab_size {model_vocab} but the run's tokenizer has "
-                        f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
 
 
 def ensure_tokenizer(run: Path, cfg: Config, corpus: Corpus, info) -> Tokenizer:
@@ -164,13 +159,11 @@ def run(cfg: Config, out: str | Path, fresh: bool = False, skip_bad_rows: bool =
 
     # --- the loop ------------------------------------------------------------------------------
     tokens_since = 0
-    for step in range(session.start_step, session.last_step):
-        lr = session.set_lr(step)
-        result = session.optimizer_step(lambda micro: micro_loss(step, micro), step)
-        session.bar.update(1)
+    for step in session.steps():
+        result = session.step(step, lambda micro: micro_loss(step, micro))
         if result is None:
             continue
-        train_loss, grad_norm = result
+        lr, train_loss, grad_norm = result
         tokens_since += tokens_per_step
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:

@@ -86,3 +86,20 @@ def load_model(stage_dir: str | Path, device: str = "cpu"):
     if missing or unexpected:
         raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device), cfg
+
+
+def check_vocab(model_vocab: int, tok, where) -> None:
+    if model_vocab != tok.vocab_size:
+        raise UserError(f"{where}: the model has vocab_size {model_vocab} but the run's tokenizer has "
+                        f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
+
+
+def load_stage(stage_dir: str | Path, device: str = "cpu"):
+    """A stage directory -> (model, its Config, the run's tokenizer), checked to belong together."""
+    from ..tokenizer import Tokenizer
+
+    stage_dir = Path(stage_dir)
+    model, cfg = load_model(stage_dir, device)
+    tok = Tokenizer.load(stage_dir.parent / "tokenizer")
+    check_vocab(model.config.vocab_size, tok, stage_dir)
+    return model, cfg, tok

@@ -1,9 +1,8 @@
 """What every training stage's loop shares, so each stage file keeps only its own algorithm:
 
-    session = Session.start(cfg.section, model, stage_dir, info, cfg.to_dict())   # resume, optimizer, logger
-    for step in range(session.start_step, session.last_step):
-        session.set_lr(step)
-        loss, grad_norm = session.optimizer_step(lambda micro: model_loss(batch(step, micro)))
+    session = Session.start(cfg.section, "sft", model, stage_dir, info, cfg.to_dict(), state)  # resume, optimizer
+    for step in session.steps():
+        result = session.step(step, lambda micro: model_loss(batch(step, micro)))   # None: a skipped NaN step
         ...log / eval / session.checkpoint(step + 1)...
     session.finish(final_summary)
 
@@ -82,6 +81,17 @@ class Session:
         session.bar = tqdm(total=tc.max_steps, initial=start_step, desc=section, unit="step",
                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
         return session
+
+    def steps(self) -> range:
+        return range(self.start_step, self.last_step)
+
+    def step(self, step: int, micro_loss: Callable[[int], torch.Tensor]) -> tuple[float, float, float] | None:
+        """Set the lr for `step`, run one optimizer step, advance the progress bar.
+        -> (lr, loss, grad norm), or None for a dropped non-finite step (see optimizer_step)."""
+        lr = self.set_lr(step)
+        result = self.optimizer_step(micro_loss, step)
+        self.bar.update(1)
+        return None if result is None else (lr, *result)
 
     @property
     def last_step(self) -> int:
