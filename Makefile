@@ -37,6 +37,7 @@ test-fast: install
 bench: install
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_pretrain.py
+	$(PY) bench/bench_sampling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

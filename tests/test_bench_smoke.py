@@ -21,3 +21,15 @@ def test_bench_tokenizer_prints_result(shared_data):
     assert m, last
     # same regex, same most-frequent-pair rule: the token counts must agree closely
     assert abs(float(m.group(3)) - 1) < 0.02
+
+
+@pytest.mark.slow
+def test_bench_sampling_prints_result():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_sampling.py"), "--runs", "1", "--batch", "2", "--prompt-len", "4",
+         "--new-tokens", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT sampling speed_ratio=[\d.]+ small=[\d.]+ large=[\d.]+", last), last

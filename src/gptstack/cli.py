@@ -142,27 +142,124 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .stages import sft
 
-    from .tokenizer import Tokenizer
-    from .train.checkpoint import load_model
+    sft.run(_config(args), args.source, args.out, data=args.data, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    return 0
 
-    from .stages.pretrain import check_vocab
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.protocol import evaluate_policy
+    from .train.checkpoint import load_model, load_stage
 
     stage = Path(args.stage)
-    model, _ = load_model(stage)
-    tok = Tokenizer.load(stage.parent / "tokenizer")
-    check_vocab(model.config.vocab_size, tok, stage)
+    model, cfg, tok = load_stage(stage)
+    if args.set:
+        from .config import _apply, _nest, _parse_set
+
+        for item in args.set:
+            path, value = _parse_set(item)
+            _apply(cfg, _nest(path, value), f"--set {item}")
+    chat = stage.name != "pretrain"
+    reference = None
+    sft_dir = stage.parent / "sft"
+    if chat and stage.resolve() != sft_dir.resolve() and (sft_dir / "model.safetensors").exists():
+        reference, _ = load_model(sft_dir)
+    figures, _ = evaluate_policy(model, tok, cfg.world, cfg.eval, chat=chat, reference_model=reference)
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+def resolve_stage(path: str) -> Path:
+    """RUN/STAGE as given, or for a bare RUN its most trained chat model."""
+    p = Path(path)
+    if (p / "model.safetensors").exists():
+        return p
+    for stage in ("ppo", "grpo", "dpo", "sft", "pretrain"):
+        if (p / stage / "model.safetensors").exists():
+            return p / stage
+    raise UserError(f"{p}: no trained model here (expected RUN/STAGE/model.safetensors)")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .engine import generate
+    from .tokenizer import ASSISTANT_END
+    from .train.checkpoint import load_stage
+
+    stage = resolve_stage(args.run)
+    model, _, tok = load_stage(stage)
     model.eval()
-    prompt = [tok.bos_id, *tok.encode(args.prompt)]
-    g = torch.Generator().manual_seed(args.seed)
-    idx = torch.tensor([prompt] * args.num_samples)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=g)
-    for k, row in enumerate(out.tolist()):
+    end = tok.special(ASSISTANT_END)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {stage} ({model.num_params() / 1e6:.1f}M params); /reset clears the history, "
+              "Ctrl-D quits", file=sys.stderr)
+    history: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        # the oldest turns are dropped (left-truncation) when the history outgrows the context
+        while len(tok.render_prompt(history)) + args.max_new_tokens > model.config.block_size and len(history) > 1:
+            history = history[2:]
+        prompt = tok.render_prompt(history)
+        if len(prompt) >= model.config.block_size:
+            raise UserError(f"message too long: {len(prompt)} tokens, the model's context is {model.config.block_size}")
+        sys.stdout.write("assistant> ")
+        printed: list[int] = []
+        shown = ""
+
+        def stream(prompt_index: int, sample_index: int, token: int) -> None:
+            nonlocal shown
+            if token == end:
+                return
+            printed.append(token)
+            text = tok.decode(printed)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+
+        (completion,), = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k or None, stop_ids=[end], seed=args.seed + turn, on_token=stream)
+        reply = tok.decode([t for t in completion.tokens if t != end])
+        sys.stdout.write(reply[len(shown):] + "\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .engine import generate
+    from .tokenizer import ASSISTANT_END
+    from .train.checkpoint import load_stage
+
+    stage = resolve_stage(args.stage)
+    model, _, tok = load_stage(stage)
+    model.eval()
+    if args.chat:  # the prompt is a user turn, rendered with the chat template
+        prompt, stop = tok.render_prompt([{"role": "user", "content": args.prompt}]), [tok.special(ASSISTANT_END)]
+    else:
+        prompt, stop = [tok.bos_id, *tok.encode(args.prompt)], []
+    (completions,) = generate(model, [prompt], args.max_new_tokens, n=args.num_samples, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p or None, stop_ids=stop, seed=args.seed)
+    for k, c in enumerate(completions):
         if args.num_samples > 1:
             print(f"--- sample {k + 1}")
-        print(tok.decode(row[1:]))
+        text = tok.decode([t for t in c.tokens if t not in stop])
+        print(text if args.chat else args.prompt + text)
     return 0
 
 
@@ -269,13 +366,43 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip (and count in summary.json) malformed JSONL rows instead of stopping")
     pre.set_defaults(handler=cmd_pretrain)
 
+    sft_p = commands.add_parser("sft", help="supervised fine-tuning on demonstrations", formatter_class=fmt,
+                                description="Fine-tune a pretrained model on conversations (loss on assistant "
+                                            "tokens only); evaluates the base model few-shot and the result.")
+    sft_p.add_argument("--from", dest="source", required=True, metavar="RUN/pretrain", help="the model to fine-tune")
+    sft_p.add_argument("--data", default=None, metavar="FILE|world",
+                       help="conversations (TRL messages, prompt+completion, ...); default: world demonstrations")
+    add_stage_args(sft_p)
+    sft_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    sft_p.set_defaults(handler=cmd_sft)
+
+    ev = commands.add_parser("eval", help="the evaluation protocol on a stage's model", formatter_class=fmt,
+                             description="Greedy accuracy (per family, 95% interval), gold reward, format rate, "
+                                         "pass@k and KL to RUN/sft on the world's fixed held-out eval set.")
+    ev.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override e.g. eval.k=8")
+    ev.set_defaults(handler=cmd_eval)
+
+    chat = commands.add_parser("chat", help="chat with a trained model in the terminal", formatter_class=fmt,
+                               description="A terminal chat (streaming, multi-turn history) with RUN/STAGE, or with "
+                                           "the most trained model in RUN (ppo, grpo, dpo, sft, then pretrain). "
+                                           "Reads stdin line by line when it is not a terminal.")
+    chat.add_argument("run", metavar="RUN[/STAGE]", help="a run or stage directory")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(handler=cmd_chat)
+
     smp = commands.add_parser("sample", help="sample text from a trained stage", formatter_class=fmt,
                               description="Continue a prompt with a trained model (KV-cache sampling).")
-    smp.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
+    smp.add_argument("stage", metavar="RUN[/STAGE]", help="a stage directory, or a run (its most trained model)")
     smp.add_argument("--prompt", default="", help="text to continue")
     smp.add_argument("--max-new-tokens", type=int, default=200)
     smp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     smp.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    smp.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 = off)")
+    smp.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template)")
     smp.add_argument("--num-samples", type=int, default=1)
     smp.add_argument("--seed", type=int, default=0)
     smp.set_defaults(handler=cmd_sample)

@@ -5,6 +5,12 @@ The layout matches HF `LlamaForCausalLM` (rotate-half RoPE, separate norms befor
 MLP, a final norm), so export is a renaming plus splitting the fused projections (model/hf.py).
 q/k/v and gate/up are fused into single matmuls: fewer, larger kernels, which matters most on
 CPU where a small model is bound by per-op overhead.
+
+Batches of unequal sequences: `pad_mask` (B, keys) marks real tokens, and each row gets its own
+RoPE positions (by default counted over its real tokens), so left-padded prompts and
+right-padded responses give the same logits as each sequence alone. The sampling engine
+(engine/sampling.py) runs this same computation with its own preallocated buffers and
+pre-transposed weights; tests/test_engine.py checks that the two agree.
 """
 from __future__ import annotations
 
@@ -129,7 +135,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask: bool (B, 1, T, T_k), True = may attend; None = plain causal."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         # RoPE on q and k in one call (they are adjacent in the fused projection)
@@ -140,7 +148,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         T_k = k.size(2)
-        if T == T_k:  # training, or prefill into an empty cache
+        if attn_mask is not None:  # padded rows: the caller's causal + key-padding mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
+        elif T == T_k:  # training, or prefill into an empty cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:  # T new queries after T_k - T cached positions: each sees the past and itself
             mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
@@ -167,8 +177,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, layer, cache)
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer, cache, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -200,27 +210,57 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def _rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + T
+        self._extend_rope(start + T, device)
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    def _extend_rope(self, end: int, device) -> None:
         if end > self.rope_cos.size(0):  # beyond the trained context (sampling long): extend the tables
             cos, sin = rope_tables(self.config.head_dim, max(end, 2 * self.rope_cos.size(0)), self.config.rope_theta, device)
             self.rope_cos, self.rope_sin = cos, sin
-        return self.rope_cos[start:end], self.rope_sin[start:end]
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> final normed hidden states (B, T, n_embd); value/reward heads read these."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                      pad_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, n_embd); value/reward heads read these.
+
+        pad_mask: (B, T_k) bool/0-1 over all key positions (the cached ones, then these T), True
+        for real tokens. Real tokens never attend to pads (left or right padding, or holes); a
+        pad's own output is garbage-but-finite (it attends to itself) and should be ignored.
+        positions: (B, T) RoPE positions; by default each row counts its real tokens from 0
+        (with pad_mask) or all tokens from the cache position (without).
+        """
+        B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start, idx.size(1), idx.device)
+        attn_mask = None
+        if pad_mask is not None:
+            T_k = start + T
+            if pad_mask.shape != (B, T_k):
+                raise ValueError(f"pad_mask shape {tuple(pad_mask.shape)} != (batch, cached + new) = {(B, T_k)}")
+            real = pad_mask.to(device=idx.device, dtype=torch.bool)
+            if positions is None:
+                positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+            q_abs = torch.arange(start, T_k, device=idx.device)
+            k_abs = torch.arange(T_k, device=idx.device)
+            causal = k_abs[None, :] <= q_abs[:, None]                        # (T, T_k)
+            own = k_abs[None, :] == q_abs[:, None]                           # a pad query sees itself
+            attn_mask = (causal & (real[:, None, None, :] | own)).reshape(B, 1, T, T_k)
+        if positions is not None:
+            self._extend_rope(int(positions.max()) + 1, idx.device)
+            cos, sin = self.rope_cos[:, 0][positions].unsqueeze(2), self.rope_sin[:, 0][positions].unsqueeze(2)
+        else:
+            cos, sin = self._rope(start, T, idx.device)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, cache)
+            x = block(x, cos, sin, i, cache, attn_mask)
         if cache is not None:
-            cache.pos += idx.size(1)
+            cache.pos += T
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                ignore_index: int = -1):
-        """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index."""
-        h = self.hidden_states(idx, cache)
+                ignore_index: int = -1, *, pad_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
+        """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index.
+        pad_mask / positions: padded batches, see `hidden_states`."""
+        h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions)
         logits = self.lm_head(h)
         if targets is None:
             return logits

@@ -1,0 +1,147 @@
+"""The evaluation protocol (DESIGN.md): one function every policy stage reports through.
+
+On the world's fixed held-out eval set (100 prompts per family, never trained on):
+  - `eval/accuracy`: greedy decoding, final answer correct; per family and with a Wilson 95 %
+    interval (`eval/accuracy_ci95`), so a claim that one stage beats another can say whether the
+    intervals separate;
+  - `eval/gold_reward`, `eval/format_ok`, `eval/pass@k`: k samples per prompt at T = 1;
+  - `eval/kl_to_sft`: KL(policy || SFT) on those samples, summed over response tokens, averaged
+    over samples (0 for the SFT model itself);
+  - everything at a fixed seed, so two stages see the same prompts and the same random draws.
+
+A chat model is prompted with the chat template and stops at <|assistant_end|>. A base model is
+prompted few-shot in the plain-text layout its pretraining documents use ("Question: ...\\nAnswer:
+\\n...", up to `eval.few_shot` examples, as many as fit the context) and its answer ends at the
+first blank line (the example separator of those documents).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from .. import world
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from .config import EvalConfig
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
+    """95 % Wilson score interval for a binomial proportion (sound near 0 and 1, unlike p ± 2σ)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def few_shot_prompt(tokenizer: Tokenizer, question: str, shots: list[list[int]], budget: int) -> list[int]:
+    """<|bos|> + as many of the fixed worked examples as fit in `budget` tokens + the question.
+
+    The examples come from the training stream (never eval items), in the layout of the
+    pretraining documents; a long question gets fewer of them rather than a truncated one."""
+    tail = tokenizer.encode(f"Question: {question}\nAnswer:\n")
+    used: list[int] = []
+    for shot in shots:
+        if 1 + len(used) + len(shot) + len(tail) > budget:
+            break
+        used += shot
+    return [tokenizer.bos_id, *used, *tail]
+
+
+def _cut_base_response(text: str) -> tuple[str, bool]:
+    cut = text.find("\n\n")
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
+                      batch_size: int = 32) -> list[float]:
+    """Sum over response tokens of log p(token | prefix) / per-token, under `model` at temperature T."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(zip(prompts[i : i + batch_size], responses[i : i + batch_size]))
+        length = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        for row, (p, r) in enumerate(chunk):  # right padding: causal attention never looks at it
+            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+        logits = model(ids.to(device)).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, (p, r) in enumerate(chunk):
+            if not r:
+                out.append(0.0)
+                continue
+            positions = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=device)
+            targets = torch.tensor(r, device=device)
+            out.append(logp[row, positions, targets].sum().item())
+    return out
+
+
+def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig, cfg: EvalConfig,
+                    chat: bool = True, reference_model=None, prefix: str = "eval") -> tuple[dict, list[dict]]:
+    """The protocol's figures for `model` (see the module docstring) as flat summary.json keys,
+    and the greedy response to every eval prompt (for eval_samples.jsonl: look, don't just count)."""
+    from ..engine import generate  # noqa: PLC0415 (the engine pulls in the model; configs import this package)
+
+    model.eval()
+    tasks = world.eval_set(world_config)
+    if cfg.limit:
+        tasks = tasks[: cfg.limit]
+    if chat:
+        prompts = [tokenizer.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks]
+        stop = [tokenizer.special(ASSISTANT_END)]
+    else:
+        shots = [tokenizer.encode(world.task_document(t) + "\n\n")
+                 for t in world.train_tasks(cfg.few_shot, seed=12345, config=world_config)]
+        budget = model.config.block_size - cfg.max_new_tokens
+        prompts = [few_shot_prompt(tokenizer, t.prompt, shots, budget) for t in tasks]
+        stop = []
+
+    def texts(completions) -> list[tuple[str, bool]]:
+        out = []
+        for c in completions:
+            tokens = c.tokens[:-1] if c.finished and chat else c.tokens
+            text = tokenizer.decode(tokens)
+            out.append((text, c.finished) if chat else _cut_base_response(text))
+        return out
+
+    greedy = generate(model, prompts, cfg.max_new_tokens, n=1, temperature=0.0, stop_ids=stop,
+                      seed=cfg.seed, batch_size=cfg.batch_size)
+    sampled = generate(model, prompts, cfg.max_new_tokens, n=cfg.k, temperature=1.0, stop_ids=stop,
+                       seed=cfg.seed + 1, batch_size=cfg.batch_size)
+
+    correct_by_family: dict[str, list[bool]] = defaultdict(list)
+    gold_scores, passes, samples_out = [], [], []
+    for task, g, samples in zip(tasks, greedy, sampled):
+        (text, _), = texts(g)
+        correct_by_family[task.family].append(world.is_correct(task, text))
+        scored = [world.score(task, t, ended) for t, ended in texts(samples)]
+        gold_scores += scored
+        passes.append(any(s.correct for s in scored))
+        samples_out.append({"family": task.family, "difficulty": task.difficulty, "prompt": task.prompt,
+                            "response": text, "correct": correct_by_family[task.family][-1]})
+
+    n_correct = sum(sum(v) for v in correct_by_family.values())
+    n = len(tasks)
+    gold = world.summarize(gold_scores)
+    out = {
+        f"{prefix}/accuracy": n_correct / n,
+        f"{prefix}/accuracy_ci95": wilson_interval(n_correct, n),
+        **{f"{prefix}/accuracy/{fam}": sum(v) / len(v) for fam, v in sorted(correct_by_family.items())},
+        f"{prefix}/gold_reward": gold["gold/reward"],
+        f"{prefix}/format_ok": gold["gold/format_ok"],
+        f"{prefix}/pass@{cfg.k}": sum(passes) / n,
+        f"{prefix}/n_prompts": n,
+    }
+    if reference_model is None:
+        out[f"{prefix}/kl_to_sft"] = 0.0
+    else:
+        flat_prompts = [p for p, samples in zip(prompts, sampled) for _ in samples]
+        flat_tokens = [c.tokens for samples in sampled for c in samples]
+        policy_lp = sequence_logprobs(model, flat_prompts, flat_tokens)
+        ref_lp = sequence_logprobs(reference_model, flat_prompts, flat_tokens)
+        out[f"{prefix}/kl_to_sft"] = sum(a - b for a, b in zip(policy_lp, ref_lp)) / len(flat_tokens)
+    return out, samples_out

@@ -1,0 +1,155 @@
+"""Supervised fine-tuning: turn the base model into an assistant on demonstrations.
+
+    gptstack sft --from runs/tiny/pretrain --out runs/tiny                 # world demonstrations
+    gptstack sft --from runs/tiny/pretrain --data chats.jsonl --out runs/tiny    # TRL messages / prompt+completion
+    torchrun --nproc_per_node=2 -m gptstack.cli sft --from runs/tiny/pretrain --out runs/tiny
+
+Each conversation is rendered with the chat template; the loss is taken only on assistant content
+and its <|assistant_end|> (the loss mask), multi-turn included. Batches pad on the right (causal
+attention never looks ahead, so padding cannot change a real token's logits) with targets -1.
+The eval protocol runs on the base model (few-shot, `base/` keys) before training and on the
+fine-tuned model after (`eval/` keys), so the gain of SFT is on the record. Writes RUN/sft.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import world
+from ..common import UserError, atomic_write_json, atomic_write_text
+from ..config import Config
+from ..data.formats import read_dataset
+from ..eval import protocol
+from ..tokenizer import Tokenizer
+from ..train.checkpoint import load_stage
+from ..train.dist import cleanup, init_distributed, print0
+from ..train.loop import Session, resume_state
+
+STAGE = "sft"
+
+
+def load_conversations(data: str | None, cfg: Config, skip_bad_rows: bool) -> tuple[list[list[dict]], dict]:
+    """World demonstrations (default) or a file's conversations, and counts for summary.json."""
+    if data in (None, "world"):
+        tasks = world.train_tasks(cfg.sft.demos, seed=cfg.sft.seed, config=cfg.world)
+        return [t.messages() for t in tasks], {"data/rows": len(tasks), "data/usable": len(tasks)}
+    ds = read_dataset(data, expect=("sft", "preference", "ranking", "verifiable"), skip_bad_rows=skip_bad_rows)
+    if ds.n_skipped:
+        print0(f"warning: {ds.describe()}")
+    return ds.as_sft(), ds.summary()
+
+
+def render_all(tok: Tokenizer, conversations: list[list[dict]], block_size: int) -> tuple[list[np.ndarray], int]:
+    """-> per conversation a (2, L) array of [input ids; targets] (targets -1 off the mask), and
+    how many were dropped for not fitting the context."""
+    rendered, too_long = [], 0
+    for messages in conversations:
+        ids, mask = tok.render_conversation(messages)
+        if len(ids) - 1 > block_size:
+            too_long += 1
+            continue
+        ids_arr, mask_arr = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+        targets = np.where(mask_arr[1:], ids_arr[1:], -1)
+        rendered.append(np.stack([ids_arr[:-1], targets]))
+    return rendered, too_long
+
+
+def get_batch(rendered: list[np.ndarray], batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch; like pretraining, the draw depends only on (seed, step, micro, rank)."""
+    g = np.random.default_rng([seed, step, micro])
+    rows = g.integers(0, len(rendered), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
+    length = max(rendered[r].shape[1] for r in rows)
+    x = np.zeros((len(rows), length), dtype=np.int64)
+    y = np.full((len(rows), length), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        n = rendered[r].shape[1]
+        x[i, :n], y[i, :n] = rendered[r]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = None, fresh: bool = False,
+        skip_bad_rows: bool = False) -> dict:
+    t_start = time.perf_counter()
+    tc = cfg.sft
+    info = init_distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    source, run_dir = Path(source), Path(out)
+    stage_dir = run_dir / STAGE
+    tok_dir = source.parent / "tokenizer"
+    model, source_cfg, tok = load_stage(source, info.device)
+    cfg.model = source_cfg.model  # the architecture is the pretrained model's, whatever the recipe says
+
+    # --- data: read and validate everything before any training ---------------------------------
+    conversations, counts = load_conversations(data, cfg, skip_bad_rows)
+    rendered, too_long = render_all(tok, conversations, cfg.model.block_size)
+    if too_long:
+        print0(f"warning: {too_long} conversation(s) longer than the context ({cfg.model.block_size} tokens) "
+               "skipped", info=info)
+        counts["data/skipped/longer_than_context"] = too_long
+    if not rendered:
+        raise UserError(f"{data or 'world'}: no conversation fits the context of {cfg.model.block_size} tokens")
+    if not any((r[1] >= 0).any() for r in rendered):
+        raise UserError(f"{data}: no assistant tokens to learn from")
+
+    state = resume_state(stage_dir, fresh, info)
+    if info.is_main and (run_dir / "tokenizer").resolve() != tok_dir.resolve():
+        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)  # later stages find it in RUN
+
+    # --- the base model, few-shot: the figure SFT has to beat ------------------------------------
+    base_file = stage_dir / "base_eval.json"
+    if info.is_main and not base_file.exists():
+        base, _ = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval, chat=False, prefix="base/eval")
+        atomic_write_json(base_file, base)
+    base = json.loads(base_file.read_text()) if info.is_main else {}
+
+    # --- train ------------------------------------------------------------------------------------
+    model.train()
+    session = Session.start(tc, STAGE, model, stage_dir, info, cfg.to_dict(), state)
+    n_targets = sum(int((r[1] >= 0).sum()) for r in rendered)
+    print0(f"sft: {len(rendered):,} conversations ({n_targets:,} trained tokens), batch {tc.batch_size} x "
+           f"{tc.grad_accum} x {info.world}, {tc.max_steps} steps", info=info)
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        x, y = get_batch(rendered, tc.batch_size, tc.seed, step, micro, info.rank, info.world)
+        return session.step_model(x.to(info.device), y.to(info.device))
+
+    for step in session.steps():
+        result = session.step(step, lambda micro: micro_loss(step, micro))
+        if result is None:
+            continue
+        lr, loss, grad_norm = result
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            session.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main:
+            figures, _ = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval)
+            model.train()
+            session.log(done, **{k: v for k, v in figures.items() if isinstance(v, float)})
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
+            session.checkpoint(done)
+    if session.stopped_early():
+        cleanup(info)
+        return {"stopped_at": session.last_step}
+
+    # --- final evaluation, weights, summary --------------------------------------------------------
+    summary: dict = {}
+    if info.is_main:
+        figures, samples = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval)
+        atomic_write_text(stage_dir / "eval_samples.jsonl",
+                          "".join(json.dumps(s) + "\n" for s in samples))
+        summary = {**figures, **base,
+                   "train/final_loss": loss, "steps": tc.max_steps, **counts,
+                   "wall_seconds": time.perf_counter() - t_start}
+    session.finish(summary, **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
+    if info.is_main:
+        print0(f"sft: accuracy {summary['eval/accuracy']:.1%} (base few-shot {base['base/eval/accuracy']:.1%}), "
+               f"gold {summary['eval/gold_reward']:.3f}; wrote {stage_dir}")
+    cleanup(info)
+    return summary

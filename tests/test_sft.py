@@ -1,0 +1,127 @@
+"""SFT: the loss mask covers exactly the assistant spans; the stage's summary follows the contract;
+bad conversation files stop before training."""
+import json
+
+import pytest
+import torch
+
+from gptstack.common import UserError
+from gptstack.config import build_config
+from gptstack.eval.protocol import sequence_logprobs, wilson_interval
+from gptstack.stages import pretrain, sft
+from gptstack.tokenizer import ASSISTANT_END, Tokenizer
+
+SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=128", "pretrain.batch_size=4",
+         "pretrain.max_steps=4", "pretrain.log_every=1", "tokenizer.vocab_size=400", "data.world_chars=60000",
+         "sft.max_steps=3", "sft.batch_size=4", "sft.demos=200", "eval.limit=20", "eval.k=2",
+         "eval.max_new_tokens=24"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train("Question: what is 2 + 3? The answer is 5. hello there " * 200, 400, progress=False)
+
+
+def test_loss_mask_covers_exactly_the_assistant_spans(tok):
+    conv = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5.\nThe answer is 5."},
+            {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "The answer is 8."}]
+    (pair,), dropped = sft.render_all(tok, [conv], block_size=200)
+    x, y = pair
+    assert dropped == 0
+    trained = [int(t) for t in y if t >= 0]
+    end = tok.special(ASSISTANT_END)
+    assert trained == tok.encode("2 + 3 = 5.\nThe answer is 5.") + [end] + tok.encode("The answer is 8.") + [end]
+    # and each trained target is the next input token at that position (shifted by one)
+    ids, mask = tok.render_conversation(conv)
+    assert x.tolist() == ids[:-1]
+    assert [t >= 0 for t in y.tolist()] == [bool(m) for m in mask[1:]]
+    assert sft.render_all(tok, [conv], block_size=10) == ([], 1)  # longer than the context: dropped, counted
+
+
+def test_batches_pad_right_with_ignored_targets(tok):
+    convs = [[{"role": "user", "content": "hi" * n}, {"role": "assistant", "content": "yo"}] for n in (1, 5, 9)]
+    rendered, _ = sft.render_all(tok, convs, 100)
+    x, y = sft.get_batch(rendered, 8, seed=0, step=0)
+    lengths = [r.shape[1] for r in rendered]
+    assert x.shape[1] == max(lengths)
+    for row_x, row_y in zip(x, y):
+        n = next(r.shape[1] for r in rendered if torch.equal(torch.from_numpy(r[0]), row_x[: r.shape[1]]))
+        assert (row_y[n:] == -1).all() and (row_x[n:] == 0).all()
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(100, 100)[1] == 1.0
+
+
+def test_sequence_logprobs_equal_a_forward_pass():
+    from gptstack.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]]
+    got = sequence_logprobs(model, prompts, responses, temperature=0.7)
+    for p, r, value in zip(prompts, responses, got):
+        logp = torch.log_softmax(model(torch.tensor([p + r]))[0] / 0.7, -1)
+        assert value == pytest.approx(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r)), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    pretrain.run(build_config("tiny", sets=SMALL), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained):
+    summary = sft.run(build_config("tiny", sets=SMALL), pretrained / "pretrain", pretrained)
+    return pretrained, summary
+
+
+def test_sft_summary_contract(fine_tuned):
+    pretrained, summary = fine_tuned
+    saved = json.loads((pretrained / "sft/summary.json").read_text())
+    for key in ("eval/accuracy", "eval/accuracy_ci95", "eval/gold_reward", "eval/format_ok", "eval/kl_to_sft",
+                "wall_seconds", "base/eval/accuracy", "base/eval/gold_reward", "base/eval/accuracy_ci95"):
+        assert key in saved, key
+    families = {k.split("/")[-1] for k in saved if k.startswith("eval/accuracy/")}
+    assert families <= set(__import__("gptstack.world", fromlist=["FAMILIES"]).FAMILIES) and families
+    lo, hi = saved["eval/accuracy_ci95"]
+    assert lo <= saved["eval/accuracy"] <= hi and saved["eval/kl_to_sft"] == 0
+    assert (pretrained / "sft/model.safetensors").exists() and (pretrained / "sft/eval_samples.jsonl").exists()
+    assert summary["eval/accuracy"] == saved["eval/accuracy"]
+
+
+def test_sft_bad_file_stops_before_training(pretrained, tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": "and?"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError) as e:
+        sft.run(build_config("tiny", sets=SMALL), pretrained / "pretrain", tmp_path / "out", data=str(bad))
+    message = str(e.value)
+    assert "chats.jsonl:2: messages[2]: does not end with an assistant turn" in message
+    assert "chats.jsonl:3: messages[1].role: expected one of system, user, assistant, got 'robot'" in message
+    assert "chats.jsonl:4: messages[1]: empty final assistant turn" in message
+    assert not (tmp_path / "out/sft").exists()
+
+
+def test_chat_and_sample_commands(fine_tuned):
+    import subprocess
+    import sys
+
+    run, _ = fine_tuned
+    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", "chat", str(run), "--max-new-tokens", "8"],
+                          input="What is 2 + 3?\nAnd 4 + 4?\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2  # two turns, one reply each, history kept between them
+    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", "sample", str(run / "sft"), "--chat", "--prompt",
+                           "What is 2 + 3?", "--max-new-tokens", "8", "--num-samples", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("--- sample") == 2
