@@ -125,3 +125,16 @@ def test_chat_and_sample_commands(fine_tuned):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("--- sample") == 2
+
+
+def test_eval_command_prints_the_protocol(fine_tuned):
+    import subprocess
+    import sys
+
+    run, _ = fine_tuned
+    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", "eval", str(run / "sft"), "--set", "eval.limit=10",
+                           "--set", "eval.k=1", "--set", "eval.max_new_tokens=16"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["eval/n_prompts"] == 10 and "eval/pass@1" in figures and figures["eval/kl_to_sft"] == 0.0

@@ -152,17 +152,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    from .config import apply_sets
     from .eval.protocol import evaluate_policy
     from .train.checkpoint import load_model, load_stage
 
     stage = Path(args.stage)
     model, cfg, tok = load_stage(stage)
-    if args.set:
-        from .config import _apply, _nest, _parse_set
-
-        for item in args.set:
-            path, value = _parse_set(item)
-            _apply(cfg, _nest(path, value), f"--set {item}")
+    apply_sets(cfg, args.set or [])
     chat = stage.name != "pretrain"
     reference = None
     sft_dir = stage.parent / "sft"

@@ -221,6 +221,14 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
     return cfg
 
 
+def apply_sets(cfg: Config, sets: list[str]) -> Config:
+    """`--set key=value` items onto an existing config (e.g. one loaded from a stage's config.json)."""
+    for item in sets:
+        path, value = _parse_set(item)
+        _apply(cfg, _nest(path, value), f"--set {item}")
+    return cfg
+
+
 def config_from_dict(values: dict) -> Config:
     """A saved config.json back into a Config (the keys were valid when it was written)."""
     cfg = Config()
