@@ -37,7 +37,7 @@ traffic (weights + KV cache read once per step). The decode step (`_Decoder.forw
 model's forward written out over weights prepared once per weight version (`_Weights`): each
 RMSNorm weight folded into the matmul after it, q/k rows in RoPE-pair order so RoPE is one complex
 multiply, and on CPU the decode matmuls in MKL's packed format (>= 1 MB) or as contiguous (in, out)
-copies: `F.linear` re-packs its transposed weight on every call, 1.7-2.5x slower at 16 rows. The
+copies: `F.linear` re-packs its transposed weight on every call, 1.5-2.5x slower at 16 rows. The
 prepared copy is cached per model until a parameter changes (in-place updates bump its version
 counter), at the price of about twice the model's matmul weights in memory. tests/test_engine.py
 checks the engine's tokens and logprobs against `GPT.forward`.
@@ -156,7 +156,7 @@ class _Weights:
       - q and k rows in RoPE-pair order (`_interleave_halves`);
       - for the decode steps' few rows, each matmul in the layout fastest for that row count:
         on CPU MKL's packed format (or a contiguous (in, out) copy), because F.linear re-packs
-        the transposed weight on every call (1.7-2.5x slower at 16 rows).
+        the transposed weight on every call (1.5-2.5x slower at 16 rows).
     """
 
     def __init__(self, model: GPT):
