@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The default job on the embedded default: pretrain the tiny recipe (tokenizer, world corpus,
 # ~1M-parameter model), fine-tune it on world demonstrations with the base model's few-shot
-# figures beside the result's, then show the tokenizer and talk to the model (~10 min on 2 cores).
+# figures beside the result's, then show the tokenizer and talk to the model (~13 min on 2 cores).
 demo: install
 	$(VENV)/bin/gptstack pretrain --out $(RUN)
 	$(VENV)/bin/gptstack sft --from $(RUN)/pretrain --out $(RUN)
