@@ -45,7 +45,6 @@ checks the engine's tokens and logprobs against `GPT.forward`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
