@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/gptstack pretrain --out $(RUN)
 	$(VENV)/bin/gptstack sft --from $(RUN)/pretrain --out $(RUN)
 	echo "What is 17 + 25 - 8? The answer is 34." | $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer
-	echo '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42.\nThe answer is 42."}]' \
+	printf '%s\n' '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42.\nThe answer is 42."}]' \
 		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer --chat
 	$(VENV)/bin/gptstack sample $(RUN)/pretrain --max-new-tokens 80 --prompt "ROMEO:"
 	printf 'Which is larger, 58 or 85?\nReverse the list 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN) --temperature 0
