@@ -92,6 +92,9 @@ def test_sft_summary_contract(fine_tuned):
     assert lo <= saved["eval/accuracy"] <= hi and saved["eval/kl_to_sft"] == 0
     assert (pretrained / "sft/model.safetensors").exists() and (pretrained / "sft/eval_samples.jsonl").exists()
     assert summary["eval/accuracy"] == saved["eval/accuracy"]
+    # the same command on the finished run resumes at its last step and re-evaluates, same figures
+    again = sft.run(build_config("tiny", sets=SMALL), pretrained / "pretrain", pretrained)
+    assert again["eval/accuracy"] == summary["eval/accuracy"]
 
 
 def test_sft_bad_file_stops_before_training(pretrained, tmp_path):

@@ -120,6 +120,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         x, y = get_batch(rendered, tc.batch_size, tc.seed, step, micro, info.rank, info.world)
         return session.step_model(x.to(info.device), y.to(info.device))
 
+    loss = None  # stays None when a finished run is resumed (no step left to take)
     for step in session.steps():
         result = session.step(step, lambda micro: micro_loss(step, micro))
         if result is None:
@@ -144,9 +145,10 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         figures, samples = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval)
         atomic_write_text(stage_dir / "eval_samples.jsonl",
                           "".join(json.dumps(s) + "\n" for s in samples))
-        summary = {**figures, **base,
-                   "train/final_loss": loss, "steps": tc.max_steps, **counts,
+        summary = {**figures, **base, "steps": tc.max_steps, **counts,
                    "wall_seconds": time.perf_counter() - t_start}
+        if loss is not None:
+            summary["train/final_loss"] = loss
     session.finish(summary, **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
     if info.is_main:
         print0(f"sft: accuracy {summary['eval/accuracy']:.1%} (base few-shot {base['base/eval/accuracy']:.1%}), "
