@@ -63,23 +63,19 @@ def split_documents(docs: list[str], val_fraction: float, mode: str = "auto") ->
         raise UserError(f"data.val_fraction: expected a number between 0 and 1, got {val_fraction}")
     if mode == "auto":
         mode = "tail" if len(docs) == 1 else "docs"
-    if mode == "tail":
-        text = "".join(docs) if len(docs) == 1 else None
-        if text is None:  # several documents: cut inside the concatenation, keeping boundaries
-            total = sum(len(d) for d in docs)
-            cut, acc, train, val = int(total * (1 - val_fraction)), 0, [], []
-            for d in docs:
-                if acc + len(d) <= cut:
-                    train.append(d)
-                elif acc >= cut:
-                    val.append(d)
-                else:
-                    train.append(d[: cut - acc])
-                    val.append(d[cut - acc :])
-                acc += len(d)
-            return train, val, True
-        cut = int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]], True
+    if mode == "tail":  # cut the concatenation at the fraction, keeping document boundaries
+        total = sum(len(d) for d in docs)
+        cut, acc, train, val = int(total * (1 - val_fraction)), 0, [], []
+        for d in docs:
+            if acc + len(d) <= cut:
+                train.append(d)
+            elif acc >= cut:
+                val.append(d)
+            else:
+                train.append(d[: cut - acc])
+                val.append(d[cut - acc :])
+            acc += len(d)
+        return train, val, True
     if mode == "docs":
         n_val = max(1, round(len(docs) * val_fraction))
         if n_val >= len(docs):
