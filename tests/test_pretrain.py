@@ -203,3 +203,17 @@ def test_bf16_and_compile_paths_train(corpus, tmp_path, sets):
     summary = pretrain.run(cfg_for(corpus, "pretrain.max_steps=6", *sets), tmp_path / "run")
     rows = [r["train/loss"] for r in read_metrics(tmp_path / "run/pretrain/metrics.jsonl") if "train/loss" in r]
     assert len(rows) == 6 and rows[-1] < rows[0] and summary["val_loss"] < rows[0]
+
+
+def test_packed_data_is_rebuilt_for_a_different_tokenizer_of_the_same_size(corpus, tmp_path):
+    from gptstack.data.corpus import build_corpus
+    from gptstack.tokenizer import Tokenizer
+
+    text = corpus.read_text()
+    a = Tokenizer.train(text[:30_000], 300, progress=False)
+    b = Tokenizer.train(text[30_000:], 300, progress=False)
+    assert a.vocab_size == b.vocab_size and a.mergeable_ranks != b.mergeable_ranks
+    load = lambda: ([text[:50_000]], [text[50_000:]], True)
+    first = build_corpus(load, {"k": 1}, a, tmp_path)["train"].tokens.tolist()
+    second = build_corpus(load, {"k": 1}, b, tmp_path)["train"].tokens.tolist()
+    assert first[1:] == a.encode(text[:50_000]) and second[1:] == b.encode(text[:50_000])

@@ -103,8 +103,11 @@ def build_corpus(load_splits, fingerprint: dict, tokenizer, out_dir: Path) -> di
     when a build is needed (reading or generating a corpus can be the slow part).
     """
     out_dir = Path(out_dir)
-    tok_hash = hashlib.sha256(json.dumps([sorted(tokenizer.special_tokens.items()), tokenizer.pattern,
-                                          len(tokenizer.mergeable_ranks)]).encode()).hexdigest()[:16]
+    # the tokenizer's whole content: a retrained tokenizer of the same size must not reuse old tokens
+    h = hashlib.sha256(json.dumps([sorted(tokenizer.special_tokens.items()), tokenizer.pattern]).encode())
+    for token, rank in sorted(tokenizer.mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+    tok_hash = h.hexdigest()[:16]
     key = dict(fingerprint, tokenizer=tok_hash, version=1)
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
