@@ -55,15 +55,16 @@ def load_checkpoint(stage_dir: Path) -> dict | None:
         raise UserError(f"{path}: unreadable checkpoint ({e}); pass --fresh to start over") from None
 
 
-def save_model(stage_dir: Path, state_dict: dict, config: dict) -> None:
-    """model.safetensors + config.json (the full resolved config) in `stage_dir`."""
+def save_model(stage_dir: Path, state_dict: dict, config: dict, metadata: dict | None = None) -> None:
+    """model.safetensors + config.json (the full resolved config) in `stage_dir`. `metadata`:
+    extra string entries in the safetensors header (model/heads.py records its head kind there)."""
     stage_dir = Path(stage_dir)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     # safetensors refuses shared storage (tied embeddings): store the tied tensor once
     if "lm_head.weight" in tensors and "tok_emb.weight" in tensors and \
             state_dict["lm_head.weight"].data_ptr() == state_dict["tok_emb.weight"].data_ptr():
         del tensors["lm_head.weight"]
-    data = safetensors_bytes(tensors, metadata={"format": "pt", "producer": "gptstack"})
+    data = safetensors_bytes(tensors, metadata={"format": "pt", "producer": "gptstack", **(metadata or {})})
     atomic_write_bytes(stage_dir / "model.safetensors", data)
     atomic_write_json(stage_dir / "config.json", config)
 
@@ -77,6 +78,9 @@ def load_model(stage_dir: str | Path, device: str = "cpu"):
     cfg_path, weights = stage_dir / "config.json", stage_dir / "model.safetensors"
     if not weights.exists() or not cfg_path.exists():
         raise UserError(f"{stage_dir}: no model here (expected model.safetensors and config.json)")
+    from ..model.heads import scalar_kind
+    if (kind := scalar_kind(stage_dir)) is not None:
+        raise UserError(f"{stage_dir}: this is a {kind} model (a scalar head), not a language model")
     cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
     model = GPT(cfg.model)
     state = load_file(str(weights), device=device)
