@@ -149,6 +149,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .stages import dpo
+
+    dpo.run(_config(args), args.policy, args.prefs, args.out, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -371,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_args(sft_p)
     sft_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     sft_p.set_defaults(handler=cmd_sft)
+
+    dpo_p = commands.add_parser("dpo", help="direct preference optimisation of the SFT policy", formatter_class=fmt,
+                                description="DPO (sigmoid or IPO loss) on preference pairs against the frozen "
+                                            "SFT model, whose logprobs are computed once; K-wise rankings give all "
+                                            "their pairs. Logs TRL's rewards/* and logps/* metrics, then runs the "
+                                            "evaluation protocol with KL to the SFT model. Writes RUN/dpo.")
+    dpo_p.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to start from (and reference)")
+    dpo_p.add_argument("--prefs", required=True, metavar="FILE|RUN/prefs",
+                       help="preferences: TRL prompt/chosen/rejected, hh-rlhf or ranking rows, or RUN/prefs")
+    add_stage_args(dpo_p)
+    dpo_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    dpo_p.set_defaults(handler=cmd_dpo)
 
     ev = commands.add_parser("eval", help="the evaluation protocol on a stage's model", formatter_class=fmt,
                              description="Greedy accuracy (per family, 95% interval), gold reward, format rate, "

@@ -82,6 +82,24 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (stages/dpo.py): the training fields with DPO defaults."""
+
+    batch_size: int = field(default=16, metadata={"help": "preference pairs per micro-batch per process (each pair = 2 sequences)"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (TRL's default for DPO: 0)"})
+    eval_every: int = field(default=0, metadata={"help": "DPO metrics on the held-out pairs every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference (higher = closer to SFT)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo (identity preference optimisation, on per-token mean logprobs)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid loss: assumed label-noise rate eps in [0, 0.5) (conservative DPO)"})
+    heldout_fraction: float = field(default=0.05, metadata={"help": "fraction of prompts whose pairs are held out for eval_rewards/accuracies"})
+    ref_batch_size: int = field(default=64, metadata={"help": "sequences per batch when computing reference / held-out logprobs"})
+
+
+@dataclass
 class Config:
     name: str = field(default="tiny", metadata={"help": "recipe name"})
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -89,6 +107,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
 

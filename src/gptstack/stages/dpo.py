@@ -1,0 +1,320 @@
+"""Direct preference optimisation: fine-tune the SFT policy on preference pairs, no reward model.
+
+    gptstack dpo --policy runs/tiny/sft --prefs runs/tiny/prefs --out runs/tiny        # the world's rankings
+    gptstack dpo --policy runs/tiny/sft --prefs ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --out runs/hh
+    torchrun --nproc_per_node=2 -m gptstack.cli dpo --policy runs/tiny/sft --prefs runs/tiny/prefs --out runs/tiny
+
+Rafailov et al. (2023): with the frozen SFT model as reference and h = (log π(y_w) − log π_ref(y_w))
+− (log π(y_l) − log π_ref(y_l)) (sums over response tokens), the loss is −log σ(β h) — the
+Bradley–Terry likelihood of the labels under the implicit reward β log π/π_ref. Options, as TRL's
+`loss_type`: "sigmoid" (with `label_smoothing` ε: conservative DPO, −(1−ε) log σ(βh) − ε log σ(−βh))
+and "ipo" ((h − 1/(2β))², on per-token mean logprobs, as TRL computes it).
+
+Data: TRL prompt/chosen/rejected, hh-rlhf transcripts, or K-wise ranking rows (`gptstack prefs`
+writes RUN/prefs/prefs.jsonl), which give all K(K−1)/2 pairs of each ranking. A prompt too long
+for the context loses its oldest turns; a pair that still does not fit is skipped and counted. A
+slice of the prompts (`dpo.heldout_fraction`) is held out: the implicit-reward accuracy on pairs
+never trained on (`eval_rewards/accuracies`) says whether the preferences generalise.
+
+The reference never changes, so its logprobs are computed once, before training, from the policy
+weights as loaded (which are the reference). Metrics use TRL's names: `loss`, `rewards/chosen`,
+`rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
+(eval_ prefix for the held-out pairs). summary.json: the policy keys of the eval protocol, KL to
+the SFT model included, plus those figures. Writes RUN/dpo.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..common import UserError, atomic_write_text
+from ..config import Config
+from ..data.formats import Dataset, read_dataset
+from ..eval import protocol
+from ..eval.protocol import pad_right, sequence_logprobs, summed_logprobs
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..train.checkpoint import load_model, load_stage
+from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
+from ..train.loop import Session, resume_state
+from ..world import ranking_to_pairs
+
+STAGE = "dpo"
+LOSS_TYPES = ("sigmoid", "ipo")
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence logprobs (B,) of chosen and rejected under the policy and the reference ->
+    (mean loss, implicit rewards β(log π − log π_ref) of chosen and of rejected, detached)."""
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type: expected one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def pair_metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                 policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """TRL's DPO metrics (batch means) for one batch."""
+    return {
+        f"{prefix}loss": loss.detach().item(),
+        f"{prefix}rewards/chosen": chosen_rewards.mean().item(),
+        f"{prefix}rewards/rejected": rejected_rewards.mean().item(),
+        f"{prefix}rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        f"{prefix}rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        f"{prefix}logps/chosen": policy_chosen.detach().mean().item(),
+        f"{prefix}logps/rejected": policy_rejected.detach().mean().item(),
+    }
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """Token sequences (each prompt's responses once) and the (chosen, rejected) pairs over them."""
+    prompts: list[list[int]]         # per sequence: the rendered prompt, ending in <|assistant_start|>
+    responses: list[list[int]]       # per sequence: response tokens (+ <|assistant_end|> if it ended)
+    pairs: np.ndarray                # (P, 2) sequence indices: chosen, rejected
+    group: np.ndarray                # (P,) the prompt (row) each pair comes from, for a held-out split
+
+
+def resolve_prefs(prefs: str | Path) -> tuple[Path, Path | None]:
+    """--prefs FILE | RUN/prefs -> (the file, the prefs stage directory when it is one)."""
+    path = Path(prefs)
+    if path.is_dir():
+        file = path / "prefs.jsonl"
+        if not file.exists():
+            raise UserError(f"--prefs {path}: no prefs.jsonl in this directory (expected RUN/prefs from "
+                            "`gptstack prefs`, or a preference file)")
+        return file, path
+    if not path.exists():
+        raise UserError(f"--prefs {path}: no such file or directory")
+    if path.name == "prefs.jsonl" and (path.parent.parent / "tokenizer").is_dir():
+        return path, path.parent
+    return path, None
+
+
+def fit_prompt(tok: Tokenizer, prompt: list[dict], room: int) -> list[int] | None:
+    """The rendered prompt in at most `room` tokens, dropping the oldest user/assistant turns
+    (a system message stays); None when even the last user turn does not fit."""
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(system):]
+    while turns:
+        ids = tok.render_prompt(system + turns)
+        if len(ids) <= room:
+            return ids
+        turns = turns[2:]
+    return None
+
+
+def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int) -> tuple[Pairs, dict]:
+    """Normalised preference or ranking rows -> Pairs, and counts for summary.json. A ranking row
+    gives all its K(K−1)/2 pairs; its responses are encoded once. A response that did not end
+    (a ranking row's "ended" false) gets no <|assistant_end|>."""
+    end = tok.special(ASSISTANT_END)
+    prompts, responses, pairs, group = [], [], [], []
+    too_long = 0
+    for row_index, row in enumerate(ds.rows):
+        if ds.kind == "ranking":
+            texts, ended = row["responses"], row.get("ended") or [True] * len(row["responses"])
+            row_pairs = ranking_to_pairs(row["ranking"])
+        else:
+            texts, ended, row_pairs = [row["chosen"], row["rejected"]], [True, True], [(0, 1)]
+        bodies = [tok.encode(t) + ([end] if e else []) for t, e in zip(texts, ended)]
+        prompt = fit_prompt(tok, row["prompt"], block_size - max(len(b) for b in bodies))
+        if prompt is None:
+            too_long += 1
+            continue
+        first = len(prompts)
+        prompts += [prompt] * len(bodies)
+        responses += bodies
+        pairs += [(first + a, first + b) for a, b in row_pairs]
+        group += [row_index] * len(row_pairs)
+    counts = {**ds.summary(), "data/pairs": len(pairs)}
+    if too_long:
+        counts["data/skipped/longer_than_context"] = too_long
+    return Pairs(prompts, responses, np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
+                 np.asarray(group, dtype=np.int64)), counts
+
+
+def split_heldout(data: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pair indices (train, held-out), split by prompt so no held-out prompt is trained on."""
+    rows = np.unique(data.group)
+    n_heldout = int(round(fraction * len(rows))) if len(rows) > 1 else 0
+    heldout_rows = np.random.default_rng(seed).permutation(rows)[:n_heldout]
+    is_heldout = np.isin(data.group, heldout_rows)
+    return np.flatnonzero(~is_heldout), np.flatnonzero(is_heldout)
+
+
+def batch_pairs(train: np.ndarray, batch_size: int, seed: int, step: int, micro: int, grad_accum: int,
+                rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The pairs of one micro-batch: epochs over a fresh permutation each, a function of
+    (seed, step, micro, rank) only, so a resumed run continues the same order."""
+    start = ((step * grad_accum + micro) * world_size + rank) * batch_size
+    positions = np.arange(start, start + batch_size)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(positions // len(train)):
+        here = positions // len(train) == epoch
+        order = np.random.default_rng([seed, int(epoch)]).permutation(len(train))
+        out[here] = train[order[positions[here] % len(train)]]
+    return out
+
+
+def sorted_logprobs(model, data: Pairs, seqs: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """sequence_logprobs of the sequences `seqs`, batched by length (less padding), in their order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(data.prompts[seqs[i]]) + len(data.responses[seqs[i]]))
+    values = sequence_logprobs(model, [data.prompts[seqs[i]] for i in order],
+                               [data.responses[seqs[i]] for i in order], batch_size=batch_size, desc=desc)
+    out = np.empty(len(seqs))
+    out[order] = values
+    return out
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fresh: bool = False,
+        skip_bad_rows: bool = False) -> dict:
+    t_start = time.perf_counter()
+    tc = cfg.dpo
+    if tc.loss_type not in LOSS_TYPES:
+        raise UserError(f"dpo.loss_type: expected one of {', '.join(LOSS_TYPES)}, got {tc.loss_type!r}")
+    if not tc.beta > 0:
+        raise UserError(f"dpo.beta: expected a positive number, got {tc.beta}")
+    if not 0 <= tc.label_smoothing < 0.5:
+        raise UserError(f"dpo.label_smoothing: expected 0 <= value < 0.5, got {tc.label_smoothing}")
+    if not 0 <= tc.heldout_fraction < 1:
+        raise UserError(f"dpo.heldout_fraction: expected 0 <= value < 1, got {tc.heldout_fraction}")
+    info = init_distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    policy_dir, run_dir = Path(policy), Path(out)
+    stage_dir = run_dir / STAGE
+    prefs_file, prefs_stage = resolve_prefs(prefs)
+    if prefs_stage is not None:  # responses sampled by another run's model: refuse a tokenizer mismatch
+        from ..train.checkpoint import check_same_tokenizer
+        check_same_tokenizer(prefs_stage, policy_dir)
+    model, source_cfg, tok = load_stage(policy_dir, info.device)
+    cfg.model = source_cfg.model  # the architecture is the policy's, whatever the recipe says
+
+    # --- data: read and validate everything before any training ---------------------------------
+    ds = read_dataset(prefs_file, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
+    if ds.n_skipped:
+        print0(f"warning: {ds.describe()}", info=info)
+    data, counts = encode_pairs(tok, ds, cfg.model.block_size)
+    if too_long := counts.get("data/skipped/longer_than_context"):
+        print0(f"warning: {too_long} row(s) do not fit the context ({cfg.model.block_size} tokens) even without "
+               "their earlier turns; skipped", info=info)
+    if not len(data.pairs):
+        raise UserError(f"{prefs_file}: no preference pair to train on ({ds.describe()})")
+    train, heldout = split_heldout(data, tc.heldout_fraction, tc.seed)
+    if not len(train):
+        raise UserError(f"{prefs_file}: every pair is held out; lower dpo.heldout_fraction")
+    counts |= {"data/train_pairs": len(train), "data/heldout_pairs": len(heldout)}
+    lengths = torch.tensor([len(r) for r in data.responses], dtype=torch.float32)
+
+    def per_token(logps: torch.Tensor, seqs) -> torch.Tensor:  # IPO is defined on mean, not summed, logprobs
+        return logps / lengths[seqs].clamp(min=1).to(logps.device) if tc.loss_type == "ipo" else logps
+
+    state = resume_state(stage_dir, fresh, info)
+    if info.is_main and (run_dir / "tokenizer").resolve() != (policy_dir.parent / "tokenizer").resolve():
+        shutil.copytree(policy_dir.parent / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
+
+    # --- the frozen reference's logprobs, once: the weights as loaded are the reference -------------
+    model.eval()
+    ref_logps = torch.from_numpy(sorted_logprobs(model, data, np.arange(len(data.responses)), tc.ref_batch_size,
+                                                 desc="reference logprobs")).float()
+    ref_logps = per_token(ref_logps, slice(None))
+
+    def heldout_metrics() -> dict[str, float]:
+        """The DPO figures on the held-out pairs (TRL's eval_ names), under the current policy."""
+        seqs = np.unique(data.pairs[heldout])
+        logps = torch.zeros(len(data.responses))
+        logps[seqs] = torch.from_numpy(sorted_logprobs(model, data, seqs, tc.ref_batch_size, desc=None)).float()
+        logps = per_token(logps, slice(None))
+        c, r = data.pairs[heldout, 0], data.pairs[heldout, 1]
+        loss, rc, rr = dpo_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], tc.beta, tc.loss_type,
+                                tc.label_smoothing)
+        return pair_metrics(loss, rc, rr, logps[c], logps[r], prefix="eval_")
+
+    # --- train ------------------------------------------------------------------------------------
+    model.train()
+    session = Session.start(tc, STAGE, model, stage_dir, info, cfg.to_dict(), state)
+    print0(f"dpo: {len(train):,} pairs from {len(np.unique(data.group[train])):,} prompts ({len(heldout):,} held "
+           f"out), beta {tc.beta}, {tc.loss_type} loss, batch {tc.batch_size} x {tc.grad_accum} x {info.world}, "
+           f"{tc.max_steps} steps = {tc.max_steps * tc.batch_size * tc.grad_accum * info.world / len(train):.2f} "
+           "epochs", info=info)
+    window: dict[str, list[float]] = {k: [] for k in METRICS}  # batch metrics since the last log line
+    last_train: dict[str, float] = {}  # stays empty when a finished run is resumed (no step left to take)
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        rows = batch_pairs(train, tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
+        chosen, rejected = torch.from_numpy(data.pairs[rows, 0]), torch.from_numpy(data.pairs[rows, 1])
+        seqs = torch.cat([chosen, rejected])  # chosen and rejected in one forward, as TRL does
+        ids, mask = pad_right([data.prompts[s] for s in seqs.tolist()], [data.responses[s] for s in seqs.tolist()])
+        logps = per_token(summed_logprobs(session.step_model, ids.to(info.device), mask.to(info.device)), seqs)
+        pc, pr = logps[: len(rows)], logps[len(rows):]
+        loss, rc, rr = dpo_loss(pc, pr, ref_logps[chosen].to(pc.device), ref_logps[rejected].to(pc.device),
+                                tc.beta, tc.loss_type, tc.label_smoothing)
+        for k, v in pair_metrics(loss, rc, rr, pc, pr).items():
+            window[k].append(v)
+        return loss
+
+    for step in session.steps():
+        result = session.step(step, lambda micro: micro_loss(step, micro))
+        if result is None:
+            window = {k: [] for k in METRICS}
+            continue
+        lr, loss, grad_norm = result
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            means = {k: all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()}
+            window = {k: [] for k in METRICS}
+            session.log(done, {"loss": f"{means['loss']:.3f}", "acc": f"{means['rewards/accuracies']:.2f}"},
+                        **means, **{"train/lr": lr, "train/grad_norm": grad_norm})
+            last_train = means
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main and len(heldout):
+            session.log(done, **heldout_metrics())
+            model.train()
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
+            session.checkpoint(done)
+    if session.stopped_early():
+        cleanup(info)
+        return {"stopped_at": session.last_step}
+
+    # --- final evaluation, weights, summary --------------------------------------------------------
+    summary: dict = {}
+    if info.is_main:
+        reference, _ = load_model(policy_dir, info.device)  # the SFT model, for eval/kl_to_sft
+        figures, samples = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval, reference_model=reference)
+        atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        summary = {**figures, **(heldout_metrics() if len(heldout) else {}), **last_train, "steps": tc.max_steps,
+                   **counts, "wall_seconds": time.perf_counter() - t_start}
+    session.finish(summary, **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval")})
+    if info.is_main:
+        heldout_acc = summary.get("eval_rewards/accuracies")
+        print0(f"dpo: accuracy {summary['eval/accuracy']:.1%} (95% {summary['eval/accuracy_ci95'][0]:.1%}-"
+               f"{summary['eval/accuracy_ci95'][1]:.1%}), gold {summary['eval/gold_reward']:.3f}, KL to SFT "
+               f"{summary['eval/kl_to_sft']:.2f}" + (f", held-out pair accuracy {heldout_acc:.1%}" if heldout_acc
+                                                      is not None else "") + f"; wrote {stage_dir}")
+    cleanup(info)
+    return summary
