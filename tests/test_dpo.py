@@ -227,6 +227,24 @@ def test_summary_follows_the_contract_and_the_first_step_starts_at_log2(trained)
     assert summary["eval/kl_to_sft"] != 0.0  # measured against the SFT model, which the policy has left
 
 
+def test_a_stopped_run_resumes_to_the_same_weights(tok, tmp_path):
+    from safetensors.torch import load_file
+
+    sets = [*SMALL, "dpo.max_steps=4", "dpo.lr=3e-3", "eval.limit=2"]
+    finals = []
+    for name, stops in (("straight", [0]), ("resumed", [2, 0])):
+        run = tmp_path / name
+        policy = make_run(run, tok, sets)
+        write_jsonl(run / "prefs.jsonl", WORLD_ROWS)
+        for stop in stops:  # the reference must come from the SFT weights, not the restored checkpoint
+            out = dpo.run(build_config("tiny", sets=[*sets, f"dpo.stop_at={stop}"]), policy, run / "prefs.jsonl", run)
+        assert "stopped_at" not in out
+        finals.append(load_file(str(run / "dpo" / "model.safetensors")))
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=0, atol=1e-6)
+    assert not torch.equal(finals[0]["tok_emb.weight"], load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))["tok_emb.weight"])
+
+
 def test_runs_on_hh_rlhf_transcripts(tok, tmp_path, shared_data):
     rows = []
     with gzip.open(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz", "rt", encoding="utf-8") as f:
