@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_sampling.py
+	$(PY) bench/bench_rl.py    # first run creates bench/.cache/venv-trl-{1.12.0,1.16.0} (~2 min)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

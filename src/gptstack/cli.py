@@ -156,6 +156,49 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prefs(args: argparse.Namespace) -> int:
+    from .stages import prefs
+
+    if getattr(args, "prefs_action", None) == "export":
+        try:
+            from .serve.store import export_prefs
+        except ImportError as e:
+            raise UserError(f"prefs export needs gptstack.serve ({e})") from None
+        n = export_prefs(args.run, args.out, kwise=args.kwise)
+        print(f"wrote {n} comparison rows from {args.run} to {args.out}", file=sys.stderr)
+        return 0
+    if args.out is None:
+        raise UserError("prefs: --out RUN is required")
+    overrides = {"prefs": {k: v for k, v in (("k", args.k), ("prompts", args.prompts)) if v is not None}}
+    prefs.run(_config(args, overrides), args.source, args.out, rankings=args.rankings, fresh=args.fresh,
+              skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .stages import rm
+
+    rm.run(_config(args), args.source, args.prefs, args.out, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
+def cmd_bon(args: argparse.Namespace) -> int:
+    from .stages import bon
+
+    overrides = {"bon": {"n": args.n}} if args.n else None
+    bon.run(_config(args, overrides), args.policy, args.rm, args.out, fresh=args.fresh)
+    return 0
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .stages import ppo
+
+    reward = getattr(args, "reward", None) or "rm"
+    ppo.run(_config(args), args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=args.prompts,
+            stage=args.stage, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -378,6 +421,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_args(sft_p)
     sft_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     sft_p.set_defaults(handler=cmd_sft)
+
+    prefs_p = commands.add_parser(
+        "prefs", help="collect comparisons: K samples per prompt ranked by the simulated labeler", formatter_class=fmt,
+        description="Sample K responses per world prompt from the SFT policy and rank them with the simulated "
+                    "labeler (or read rankings from a file: TRL prompt/chosen/rejected, hh-rlhf, K-wise); writes "
+                    "RUN/prefs/prefs.jsonl. `gptstack prefs export RUN --out FILE` writes the comparisons "
+                    "collected in `gptstack serve` instead.")
+    prefs_p.add_argument("--from", dest="source", metavar="RUN/sft", help="the policy to sample from")
+    prefs_p.add_argument("--k", type=int, default=None, metavar="K", help="responses per prompt (default: prefs.k)")
+    prefs_p.add_argument("--prompts", type=int, default=None, metavar="N", help="prompts (default: prefs.prompts)")
+    prefs_p.add_argument("--rankings", default=None, metavar="FILE", help="read comparisons from FILE instead of sampling")
+    add_stage_args(prefs_p, out_required=False)
+    prefs_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    prefs_p.set_defaults(handler=cmd_prefs)
+    prefs_actions = prefs_p.add_subparsers(dest="prefs_action", metavar="ACTION", required=False)
+    export_p = prefs_actions.add_parser(
+        "export", help="write the comparisons collected in `gptstack serve` as JSONL", formatter_class=fmt,
+        description="Write RUN's feedback store as preference JSONL: pairs (TRL prompt/chosen/rejected) or, "
+                    "with --kwise, one ranking row per prompt.")
+    export_p.add_argument("run", metavar="RUN", help="the run directory holding the feedback store")
+    export_p.add_argument("--out", required=True, metavar="FILE", help="the JSONL file to write")
+    export_p.add_argument("--kwise", action="store_true", help="one K-wise ranking row per prompt instead of pairs")
+    export_p.set_defaults(handler=cmd_prefs)
+
+    rm_p = commands.add_parser(
+        "rm", help="train a reward model on comparisons (Bradley-Terry)", formatter_class=fmt,
+        description="A scalar head on the SFT trunk trained with -log sigmoid(r_w - r_l) on all C(K,2) pairs of "
+                    "each ranking; held-out accuracy, correct-vs-wrong accuracy and gold correlation; the reward "
+                    "normalised to mean 0, std 1 on the SFT policy's responses. Writes RUN/rm.")
+    rm_p.add_argument("--from", dest="source", required=True, metavar="RUN/sft", help="the model whose trunk starts the RM")
+    rm_p.add_argument("--prefs", required=True, metavar="FILE|RUN/prefs|FILE.sqlite",
+                      help="comparisons: a preference/ranking file, a prefs directory or a feedback store")
+    add_stage_args(rm_p)
+    rm_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    rm_p.set_defaults(handler=cmd_rm)
+
+    bon_p = commands.add_parser(
+        "bon", help="best-of-N against the reward model, measured with gold", formatter_class=fmt,
+        description="Sample max(n) responses per held-out eval prompt, pick the reward model's best of n for each "
+                    "n; proxy and gold reward, accuracy, KL_bon = log n - (n-1)/n and the fit "
+                    "gold gain = d(alpha - beta d). Writes RUN/bon.")
+    bon_p.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to sample from")
+    bon_p.add_argument("--rm", required=True, metavar="RUN/rm", help="the reward model")
+    bon_p.add_argument("--n", default=None, metavar="N,N,...", help="the n values (default: bon.n)")
+    add_stage_args(bon_p)
+    bon_p.set_defaults(handler=cmd_bon)
 
     dpo_p = commands.add_parser("dpo", help="direct preference optimisation of the SFT policy", formatter_class=fmt,
                                 description="DPO (sigmoid or IPO loss) on preference pairs against the frozen "

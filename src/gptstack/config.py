@@ -100,6 +100,51 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class PrefsConfig:
+    """Comparison collection (stages/prefs.py): K sampled responses per prompt, ranked by the labeler."""
+
+    prompts: int = field(default=2000, metadata={"help": "world training prompts to collect comparisons on"})
+    k: int = field(default=4, metadata={"help": "responses sampled (and ranked) per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the K responses"})
+    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
+    batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
+    seed: int = field(default=2, metadata={"help": "seed of the prompts, the samples and the labeler's noise"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model training (stages/rm.py): the training fields of TrainConfig with RM defaults."""
+
+    batch_size: int = field(default=16, metadata={"help": "prompts per micro-batch per process (each with all its K responses and C(K,2) pairs)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = derived from epochs)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training prompts when max_steps is 0 (InstructGPT: 1; more overfits)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "held-out pair accuracy every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "fraction of prompts held out for evaluation (split by a hash of the prompt)"})
+    norm_prompts: int = field(default=256, metadata={"help": "prompts the SFT policy answers (one sample each, T = 1) to normalise the reward to mean 0, std 1"})
+    max_new_tokens: int = field(default=96, metadata={"help": "response length limit of the policy samples (normalisation, policy/accuracy)"})
+    score_batch_size: int = field(default=64, metadata={"help": "sequences per scoring batch (evaluation, normalisation)"})
+
+
+@dataclass
+class BonConfig:
+    """Best-of-N (stages/bon.py): sample max(n) per held-out prompt, pick the RM's argmax among n."""
+
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"help": "the n values of best-of-n (comma-separated on --set)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
+    prompts: int = field(default=0, metadata={"help": "use only the first N prompts of the world's held-out eval set (0 = all)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (each decodes max(n) rows)"})
+    score_batch_size: int = field(default=128, metadata={"help": "sequences per reward-model scoring batch"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+
+
+@dataclass
 class Config:
     name: str = field(default="tiny", metadata={"help": "recipe name"})
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -110,6 +155,9 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    bon: BonConfig = field(default_factory=BonConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

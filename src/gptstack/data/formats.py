@@ -507,14 +507,28 @@ def _row_ranking(row: dict) -> list[dict]:
     if "ranking" not in row:
         raise _Bad("ranking", "missing, expected a list of response indices, best first")
     ranking = row["ranking"]
-    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))) \
-            or any(isinstance(x, bool) for x in ranking):
-        raise _Bad("ranking", f"expected a permutation of 0..{len(responses) - 1} (response indices, best first), "
-                              f"got {json.dumps(ranking)[:60]}")
+    if not isinstance(ranking, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking) \
+            or sorted(ranking) != list(range(len(responses))):
+        # a tie ([0, 0, 1] or [[0, 1], 2]) has no order to learn from: the format cannot hold one
+        tie = isinstance(ranking, list) and (any(isinstance(x, list) for x in ranking) or len(set(map(str, ranking))) < len(ranking))
+        raise _Bad("ranking", f"expected a permutation of 0..{len(responses) - 1} (response indices, best first"
+                              + ("; ties cannot be expressed: write tied responses as separate rows or leave one out"
+                                 if tie else "") + f"), got {json.dumps(ranking)[:60]}")
     prompt = _prompt(prompt_value)
+    extras = {}
+    # optional per-response extras (`gptstack prefs` writes them): whether the response ended with
+    # the end token, and its gold reward for world prompts; other keys are ignored
+    for key, ok, what in (("ended", lambda v: isinstance(v, bool), "booleans"),
+                          ("gold", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "numbers")):
+        if key in row:
+            v = row[key]
+            if not isinstance(v, list) or len(v) != len(responses) or not all(ok(x) for x in v):
+                raise _Bad(key, f"expected a list of {len(responses)} {what} (one per response), got "
+                                f"{json.dumps(v)[:60]}")
+            extras[key] = list(v)
     if any(not x.strip() for x in responses):
         raise _Irregular("empty response")
-    return [{"prompt": prompt, "responses": [x.strip() for x in responses], "ranking": list(ranking)}]
+    return [{"prompt": prompt, "responses": [x.strip() for x in responses], "ranking": list(ranking), **extras}]
 
 
 # (name, kind, source, keys that identify it, parser); the first whose keys are all present wins.

@@ -98,6 +98,29 @@ def check_vocab(model_vocab: int, tok, where) -> None:
                         f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
 
 
+def check_same_tokenizer(stage_a: str | Path, stage_b: str | Path) -> None:
+    """Refuse two stages whose runs' tokenizers (`<stage>/../tokenizer`) differ in ranks, special
+    tokens or pre-split pattern: token ids would mean different things to the two models (a reward
+    model scoring another tokenizer's policy, a reference model of another run)."""
+    dirs = [Path(stage_a).parent / "tokenizer", Path(stage_b).parent / "tokenizer"]
+    if dirs[0].resolve() == dirs[1].resolve():
+        return
+    found = []
+    for d in dirs:
+        path = d / "gptstack.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: no tokenizer here (expected the run's tokenizer beside {d.parent})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        found.append({k: data.get(k) for k in ("ranks", "special_tokens", "pattern")})
+    differ = [k for k in ("ranks", "special_tokens", "pattern") if found[0][k] != found[1][k]]
+    if differ:
+        raise UserError(f"{stage_a} and {stage_b} use different tokenizers ({dirs[0]} and {dirs[1]} differ in "
+                        f"{', '.join(differ)}); they must come from the same run's tokenizer")
+
+
 def load_stage(stage_dir: str | Path, device: str = "cpu"):
     """A stage directory -> (model, its Config, the run's tokenizer), checked to belong together."""
     from ..tokenizer import Tokenizer

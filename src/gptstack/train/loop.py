@@ -170,12 +170,13 @@ class Session:
                "rerun to resume", info=self.info)
         return True
 
-    def finish(self, summary: dict, **final_metrics) -> None:
-        """Final checkpoint, weights, summary.json and the last metrics line."""
+    def finish(self, summary: dict, metadata: dict | None = None, **final_metrics) -> None:
+        """Final checkpoint, weights, summary.json and the last metrics line. `metadata`: extra
+        entries of the weights' header (a scalar head's kind, see model/heads.py)."""
         self.checkpoint(self.tc.max_steps)
         model_sd, _ = self.full_state_dicts()
         if self.info.is_main:
-            save_model(self.stage_dir, model_sd, self.config)
+            save_model(self.stage_dir, model_sd, self.config, metadata)
             atomic_write_json(self.stage_dir / "summary.json", summary)
             if final_metrics:
                 self.logger.log(self.tc.max_steps, **final_metrics)

@@ -1,0 +1,432 @@
+"""Reward model from comparisons: a scalar head on the SFT trunk, trained with Bradley–Terry.
+
+    gptstack rm --from runs/tiny/sft --prefs runs/tiny/prefs --out runs/tiny       # `gptstack prefs` output
+    gptstack rm --from runs/tiny/sft --prefs ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --out runs/hh
+    gptstack rm --from runs/tiny/sft --prefs runs/tiny/feedback.sqlite --out runs/tiny   # labels from `gptstack serve`
+    torchrun --nproc_per_node=2 -m gptstack.cli rm --from runs/tiny/sft --prefs runs/tiny/prefs --out runs/tiny
+
+The reward of a response is the head's output at the last real token of prompt + response, rendered
+with the chat template exactly as the policy sees it (`render_for_rm`: <|assistant_end|> appended
+only when the response ended; a sequence longer than the context keeps its last block_size tokens,
+so the prompt's oldest tokens go first). Training minimises the Bradley–Terry loss
+-log sigmoid(r_w - r_l). A K-wise ranking is one batch element (InstructGPT): the prompt's K
+responses go through the trunk once and all C(K,2) (better, worse) pairs are formed from their K
+scores; each prompt's loss is the mean over its pairs, and prompts are averaged, so a prompt with
+many pairs does not outweigh one with few. Pairs of identical responses (the same text, both ended
+or both not) carry no preference and are skipped and counted; a supplied ranking cannot hold ties
+(data/formats.py refuses one with a file:line error), and rows with identical chosen/rejected or an
+empty response are skipped and counted by the reader.
+
+A fraction of the prompts (rm.eval_fraction, chosen by a hash of the prompt, so a prompt is never on
+both sides) is held out. On it, summary.json reports (DESIGN.md):
+  eval/accuracy                    held-out label pairs the RM orders as the labeler did (ties 1/2)
+  eval/correct_vs_wrong_accuracy   pairs of responses where exactly one answer is right: the RM
+                                   scores the right one higher (world prompts)
+  eval/gold_spearman               rank correlation of RM score and gold reward over all responses
+  eval/labeler_gold_agreement      label pairs whose gold differs that the labels order as gold
+                                   does: the ceiling the labels themselves set
+  policy/accuracy                  the SFT policy's own greedy accuracy on the same prompts: the
+                                   generator side of the generator–discriminator gap
+Finally the reward is normalised (folded into the head) so the SFT policy's responses (one sample
+at T = 1 for each of rm.norm_prompts training prompts) score mean 0, std 1. Writes RUN/rm.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import world
+from ..common import UserError
+from ..config import Config
+from ..data.formats import read_dataset
+from ..eval.protocol import wilson_interval
+from ..model.heads import ScalarModel, gather_last
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..train.checkpoint import load_stage
+from ..train.dist import cleanup, init_distributed, print0
+from ..train.loop import Session, resume_state
+
+STAGE = "rm"
+
+# --- reading comparisons -------------------------------------------------------------------------
+
+
+def load_preferences(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict], dict]:
+    """Comparisons from a file (TRL prompt/chosen/rejected, hh-rlhf, K-wise ranking JSONL), a
+    RUN/prefs directory or a `gptstack serve` feedback .sqlite -> (rows, counts for summary.json).
+
+    Every row comes out in the ranking form: {"prompt": [messages ending with the user turn],
+    "responses": [K strings], "ranking": [indices, best first]} plus, where known, "ended" and
+    "gold" (one per response). A pair (chosen, rejected) is the ranking [0, 1] of [chosen, rejected].
+    """
+    path = Path(path)
+    if path.suffix in (".sqlite", ".db"):
+        try:
+            from ..serve.store import read_feedback  # noqa: PLC0415 (optional part: the web app)
+        except ImportError as e:
+            raise UserError(f"{path}: reading feedback needs gptstack.serve ({e})") from None
+        return read_feedback(path)
+    if path.is_dir():
+        if not (path / "prefs.jsonl").exists():
+            raise UserError(f"{path}: no prefs.jsonl here (expected the output of `gptstack prefs`)")
+        path = path / "prefs.jsonl"
+    ds = read_dataset(path, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
+    if ds.n_skipped:
+        print0(f"warning: {ds.describe()}")
+    if ds.kind == "ranking":
+        rows = ds.rows
+    else:
+        rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranking": [0, 1]} for r in ds.rows]
+    if not rows:
+        raise UserError(f"{path}: no usable comparison ({ds.describe()})")
+    return rows, ds.summary()
+
+
+def ranking_pairs(row: dict) -> tuple[list[tuple[int, int]], int]:
+    """All C(K,2) (better, worse) pairs a row's ranking implies, less the pairs of identical
+    responses (same text and same `ended`): -> (pairs, how many were identical)."""
+    ended = row.get("ended") or [True] * len(row["responses"])
+    key = [(r, e) for r, e in zip(row["responses"], ended)]
+    pairs = world.ranking_to_pairs(row["ranking"])
+    kept = [(w, lo) for w, lo in pairs if key[w] != key[lo]]
+    return kept, len(pairs) - len(kept)
+
+
+def is_heldout(prompt: list[dict], fraction: float) -> bool:
+    """Whether a prompt belongs to the eval slice: a hash of its text, so the split does not
+    depend on the file's order and repeated prompts land on the same side."""
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
+
+
+def world_task(prompt: list[dict]):
+    """The world task a one-turn prompt states, or None (real data)."""
+    if len(prompt) != 1 or prompt[0]["role"] != "user":
+        return None
+    try:
+        return world.task_from_prompt(prompt[0]["content"])
+    except UserError:
+        return None
+
+
+# --- rendering and scoring -----------------------------------------------------------------------
+
+
+def render_for_rm(tok: Tokenizer, prompt, response, ended: bool, block_size: int) -> list[int]:
+    """prompt (messages, or already rendered ids ending in <|assistant_start|>) + response (text or
+    ids) + <|assistant_end|> when the response ended; longer than the context: its last block_size
+    tokens (the prompt's oldest go; the score is read at the end)."""
+    p = tok.render_prompt(prompt) if prompt and isinstance(prompt[0], dict) else list(prompt)
+    r = tok.encode(response) if isinstance(response, str) else list(response)
+    seq = p + r + ([tok.special(ASSISTANT_END)] if ended else [])
+    return seq[-block_size:]
+
+
+def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids, pad_mask), right-padded with 0. Causal attention never lets a real token see the
+    pads after it, so the trunk runs without a mask and the score is gathered at the last real token."""
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
+    """(B,) reward of each token sequence (differentiable; `model` may be DDP-wrapped)."""
+    device = next(model.parameters()).device
+    ids, mask = pad_right(seqs, device)
+    return gather_last(model(ids), mask)
+
+
+@torch.inference_mode()
+def score_ids(rm: ScalarModel, seqs: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Rewards of rendered sequences, batched by similar length (order kept)."""
+    rm.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for c in range(0, len(order), batch_size):
+        idx = order[c : c + batch_size]
+        for i, s in zip(idx, sequence_scores(rm, [seqs[i] for i in idx]).tolist()):
+            out[i] = s
+    return out
+
+
+def score_texts(rm: ScalarModel, tokenizer: Tokenizer, prompts: list, responses: list, ended: list[bool] | None = None,
+                batch_size: int = 64) -> list[float]:
+    """The reward of each (prompt, response), rendered exactly as the RM was trained (`render_for_rm`).
+    prompts: message lists or rendered prompt ids; responses: text (re-encoded) or token ids
+    (without the end token: `ended` says whether to append it; default all ended)."""
+    ended = [True] * len(responses) if ended is None else ended
+    block = rm.config.block_size
+    seqs = [render_for_rm(tokenizer, p, r, e, block) for p, r, e in zip(prompts, responses, ended)]
+    return score_ids(rm, seqs, batch_size)
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(scores: torch.Tensor, groups: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """Mean over groups (prompts) of the mean over the group's (better, worse) pairs of
+    -log sigmoid(r_better - r_worse); pair indices point into `scores`."""
+    win = torch.tensor([w for g in groups for w, _ in g], device=scores.device)
+    lose = torch.tensor([lo for g in groups for _, lo in g], device=scores.device)
+    weight = torch.tensor([1.0 / len(g) for g in groups for _ in g], device=scores.device)
+    return -(F.logsigmoid(scores[win] - scores[lose]) * weight).sum() / len(groups)
+
+
+def collate(items: list[dict]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Prompts (each {"seqs": its K rendered responses, "pairs": (better, worse) indices}) -> the
+    flat list of sequences, each response once (one pass through the trunk), and per prompt its
+    pairs as indices into that list."""
+    seqs, groups = [], []
+    for x in items:
+        groups.append([(len(seqs) + w, len(seqs) + lo) for w, lo in x["pairs"]])
+        seqs += x["seqs"]
+    return seqs, groups
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_rows(n: int, batch_size: int, seed: int, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0,
+               world_size: int = 1) -> list[int]:
+    """The rows of one micro-batch: epoch after epoch of seeded shuffles of range(n), the position
+    a function of (step, micro, rank) alone, so a resumed run draws what it would have drawn."""
+    start = ((step * grad_accum + micro) * world_size + rank) * batch_size
+    return [int(_permutation(n, seed, g // n)[g % n]) for g in range(start, start + batch_size)]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def rankdata(x: list[float]) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (as scipy.stats.rankdata)."""
+    a = np.asarray(x, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's r of the average ranks); None when either is constant."""
+    rx, ry = rankdata(x), rankdata(y)
+    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def preference_metrics(rows: list[dict], scores: list[list[float]], correct: list[list[bool] | None]) -> dict:
+    """The held-out figures of the module docstring from rows (responses, ranking, optional
+    "gold"), the RM's scores per row, and per row which responses are right (None: not a world prompt)."""
+    agree = pairs = 0.0
+    labeler_hits = labeler_pairs = rm_gold_hits = 0.0
+    cvw_hits = cvw_pairs = 0.0
+    all_scores, all_gold = [], []
+    for row, s, ok in zip(rows, scores, correct):
+        kept, _ = ranking_pairs(row)
+        gold = row.get("gold")
+        for w, lo in kept:
+            pairs += 1
+            agree += 1.0 if s[w] > s[lo] else 0.5 if s[w] == s[lo] else 0.0
+            if gold is not None and gold[w] != gold[lo]:
+                labeler_pairs += 1
+                labeler_hits += gold[w] > gold[lo]
+                better, worse = (w, lo) if gold[w] > gold[lo] else (lo, w)
+                rm_gold_hits += 1.0 if s[better] > s[worse] else 0.5 if s[better] == s[worse] else 0.0
+        if ok is not None:
+            for i in range(len(s)):
+                for j in range(i + 1, len(s)):
+                    if ok[i] != ok[j]:
+                        right, wrong = (i, j) if ok[i] else (j, i)
+                        cvw_pairs += 1
+                        cvw_hits += 1.0 if s[right] > s[wrong] else 0.5 if s[right] == s[wrong] else 0.0
+        if gold is not None:
+            all_scores += s
+            all_gold += gold
+    out = {"eval/accuracy": agree / pairs if pairs else None, "eval/pairs": int(pairs)}
+    if cvw_pairs:
+        out["eval/correct_vs_wrong_accuracy"] = cvw_hits / cvw_pairs
+        out["eval/correct_vs_wrong_pairs"] = int(cvw_pairs)
+    if all_gold:
+        out["eval/gold_spearman"] = spearman(all_scores, all_gold)
+    if labeler_pairs:
+        out["eval/labeler_gold_agreement"] = labeler_hits / labeler_pairs
+        out["eval/gold_pair_accuracy"] = rm_gold_hits / labeler_pairs  # the RM vs gold on the same pairs
+        out["eval/gold_differs_pairs"] = int(labeler_pairs)
+    return out
+
+
+def policy_accuracy(policy, tok: Tokenizer, tasks: list, max_new_tokens: int) -> dict:
+    """The SFT policy's greedy accuracy on `tasks` (the eval protocol's decoding)."""
+    from ..engine import generate  # noqa: PLC0415
+
+    prompts = [tok.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks]
+    end = tok.special(ASSISTANT_END)
+    out = generate(policy.eval(), prompts, max_new_tokens, n=1, temperature=0.0, stop_ids=[end], truncate=True)
+    right = sum(world.is_correct(t, tok.decode([x for x in c.tokens if x != end])) for t, (c,) in zip(tasks, out))
+    return {"policy/accuracy": right / len(tasks), "policy/accuracy_ci95": wilson_interval(right, len(tasks)),
+            "policy/n_prompts": len(tasks)}
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fresh: bool = False,
+        skip_bad_rows: bool = False) -> dict:
+    t_start = time.perf_counter()
+    tc = cfg.rm
+    info = init_distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if tc.fsdp:
+        raise UserError("rm.fsdp: FSDP is not supported for the reward model; use DDP (the default under torchrun)")
+    if not 0 < tc.eval_fraction < 1:
+        raise UserError(f"rm.eval_fraction: expected a fraction in (0, 1), got {tc.eval_fraction}")
+    source, run_dir = Path(source), Path(out)
+    stage_dir = run_dir / STAGE
+    policy, source_cfg, tok = load_stage(source, info.device)
+    cfg.model = source_cfg.model
+    block = cfg.model.block_size
+
+    # --- data: read, render and split everything before any training -------------------------------
+    rows, counts = load_preferences(prefs, skip_bad_rows)
+    train, held = [], []
+    identical = truncated = 0
+    for row in rows:
+        pairs, same = ranking_pairs(row)
+        identical += same
+        if not pairs:
+            continue
+        ended = row.get("ended") or [True] * len(row["responses"])
+        seqs = [render_for_rm(tok, row["prompt"], r, e, block + 1) for r, e in zip(row["responses"], ended)]
+        truncated += sum(len(s) > block for s in seqs)
+        item = {"row": row, "seqs": [s[-block:] for s in seqs], "pairs": pairs}
+        (held if is_heldout(row["prompt"], tc.eval_fraction) else train).append(item)
+    counts.update({"pairs/skipped/identical": identical, "sequences/truncated": truncated,
+                   "train/prompts": len(train), "train/pairs": sum(len(x["pairs"]) for x in train),
+                   "eval/prompts": len(held)})
+    if identical:
+        print0(f"rm: {identical} pair(s) of identical responses skipped (no preference to learn)", info=info)
+    if truncated:
+        print0(f"rm: {truncated} sequence(s) longer than the context ({block} tokens) keep their last {block}",
+               info=info)
+    if not train or not held:
+        raise UserError(f"{prefs}: {len(train)} training and {len(held)} held-out prompts with a comparison; "
+                        f"need at least one of each (rm.eval_fraction = {tc.eval_fraction})")
+    per_step = tc.batch_size * tc.grad_accum * info.world
+    if tc.max_steps <= 0:
+        tc.max_steps = max(1, math.ceil(tc.epochs * len(train) / per_step))
+
+    state = resume_state(stage_dir, fresh, info)
+    tok_dir = source.parent / "tokenizer"
+    if info.is_main and (run_dir / "tokenizer").resolve() != tok_dir.resolve():
+        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
+
+    # --- model: the SFT trunk, a zero head (every score starts at 0, the loss at log 2) -------------
+    rm = ScalarModel.from_policy(policy, "reward")
+    rm.train()
+    session = Session.start(tc, STAGE, rm, stage_dir, info, cfg.to_dict(), state)
+    print0(f"rm: {len(train):,} training prompts ({counts['train/pairs']:,} pairs), {len(held):,} held out; "
+           f"batch {tc.batch_size} prompts x {tc.grad_accum} x {info.world}, {tc.max_steps} steps "
+           f"({tc.max_steps * per_step / len(train):.2f} epochs)", info=info)
+
+    def held_out_scores() -> list[list[float]]:
+        flat = score_ids(rm, [s for x in held for s in x["seqs"]], tc.score_batch_size)
+        rm.train()
+        out, k = [], 0
+        for x in held:
+            out.append(flat[k : k + len(x["seqs"])])
+            k += len(x["seqs"])
+        return out
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        rows = batch_rows(len(train), tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
+        seqs, groups = collate([train[i] for i in rows])
+        return bradley_terry_loss(sequence_scores(session.step_model, seqs), groups)
+
+    # --- train -------------------------------------------------------------------------------------
+    loss = None
+    for step in session.steps():
+        result = session.step(step, lambda micro: micro_loss(step, micro))
+        if result is None:
+            continue
+        lr, loss, grad_norm = result
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            session.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main:
+            figures = preference_metrics([x["row"] for x in held], held_out_scores(), [None] * len(held))
+            session.log(done, **{"eval/accuracy": figures["eval/accuracy"]})
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
+            session.checkpoint(done)
+    if session.stopped_early():
+        cleanup(info)
+        return {"stopped_at": session.last_step}
+
+    # --- held-out evaluation, the policy's own accuracy, normalisation -----------------------------
+    summary: dict = {}
+    if info.is_main:
+        tasks = [world_task(x["row"]["prompt"]) for x in held]
+        correct = []
+        for x, task in zip(held, tasks):
+            row = x["row"]
+            if task is not None and "gold" not in row:
+                ended = row.get("ended") or [True] * len(row["responses"])
+                row["gold"] = [world.gold(task, r, e) for r, e in zip(row["responses"], ended)]
+            correct.append(None if task is None else [world.is_correct(task, r) for r in row["responses"]])
+        figures = preference_metrics([x["row"] for x in held], held_out_scores(), correct)
+        world_tasks = [t for t in tasks if t is not None]
+        if world_tasks:
+            figures.update(policy_accuracy(policy, tok, world_tasks, tc.max_new_tokens))
+        mean, std = normalization(rm, policy, tok, [x["row"]["prompt"] for x in train], tc, cfg.rm.seed)
+        rm.normalize(mean, std)
+        rm.train()
+        summary = {**figures, "norm/raw_mean": mean, "norm/raw_std": std, "steps": tc.max_steps, **counts,
+                   "wall_seconds": time.perf_counter() - t_start}
+        if loss is not None:
+            summary["train/final_loss"] = loss
+    session.finish(summary, metadata={"gptstack_head": rm.kind},
+                   **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
+    if info.is_main:
+        cvw = summary.get("eval/correct_vs_wrong_accuracy")
+        print0(f"rm: held-out pair accuracy {summary['eval/accuracy']:.1%}"
+               + (f", correct-vs-wrong {cvw:.1%} (the policy's own accuracy {summary['policy/accuracy']:.1%})"
+                  if cvw is not None and "policy/accuracy" in summary else "")
+               + f"; wrote {stage_dir}")
+    cleanup(info)
+    return summary
+
+
+def normalization(rm: ScalarModel, policy, tok: Tokenizer, prompts: list[list[dict]], tc, seed: int) -> tuple[float, float]:
+    """(mean, std) of the RM's raw scores on the SFT policy's own responses: one sample at T = 1
+    for each of the first rm.norm_prompts prompts of a seeded shuffle."""
+    from ..engine import generate  # noqa: PLC0415
+
+    order = np.random.default_rng(seed).permutation(len(prompts))[: tc.norm_prompts]
+    rendered = [tok.render_prompt(prompts[i]) for i in order]
+    end = tok.special(ASSISTANT_END)
+    out = generate(policy.eval(), rendered, tc.max_new_tokens, n=1, temperature=1.0, stop_ids=[end], seed=seed,
+                   truncate=True)
+    responses = [[t for t in c.tokens if t != end] for (c,) in out]
+    scores = score_texts(rm, tok, rendered, responses, [c.finished for (c,) in out], tc.score_batch_size)
+    if len(scores) < 2:
+        return float(scores[0]) if scores else 0.0, 1.0
+    mean, std = float(np.mean(scores)), float(np.std(scores))
+    return mean, std if std > 0 else 1.0
