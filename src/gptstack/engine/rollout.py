@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import generate
+from .sampling import check_prompts, generate
 
 
 @dataclass
@@ -76,11 +76,13 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
 
 def rollout(policy, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, *, temperature: float = 1.0,
             stop_ids: Sequence[int] = (), seed: int = 0, top_k: int | None = None, top_p: float | None = None,
-            batch_size: int | None = None) -> Batch:
+            batch_size: int | None = None, truncate: bool = False) -> Batch:
     """n samples of each prompt with the engine (rows grouped by prompt: row i*n + j is sample j of
     prompt i, as GRPO's group advantages expect). Sampling is deterministic given `seed`."""
+    # the prompts as the engine will see them (left-truncated when `truncate`), for the layout
+    prompts = check_prompts(policy, prompts, max_new_tokens, n, temperature, top_k, top_p, truncate)
     completions = generate(policy, prompts, max_new_tokens, n=n, temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
+                           top_p=top_p, stop_ids=stop_ids, seed=seed, batch_size=batch_size, truncate=truncate)
     rows = [(i, c) for i, group in enumerate(completions) for c in group]
     return make_batch([prompts[i] for i, _ in rows], [c.tokens for _, c in rows], [i for i, _ in rows],
                       [c.finished for _, c in rows])

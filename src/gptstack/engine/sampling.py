@@ -334,7 +334,7 @@ class _Decoder:
 
 # --- the engine --------------------------------------------------------------------------------
 
-def _check(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, n: int, temperature: float,
+def check_prompts(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, n: int, temperature: float,
            top_k: int | None, top_p: float | None, truncate: bool) -> list[list[int]]:
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -380,7 +380,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     token included), for streaming output in chat.
     Runs on the model's device and dtype; the model is not modified.
     """
-    prompts = _check(model, prompts, max_new_tokens, n, temperature, top_k, top_p, truncate)
+    prompts = check_prompts(model, prompts, max_new_tokens, n, temperature, top_k, top_p, truncate)
     results: list[list[Completion | None]] = [[None] * n for _ in prompts]
     if max_new_tokens == 0:
         return [[Completion(i, [], [], False) for _ in range(n)] for i in range(len(prompts))]

@@ -93,7 +93,8 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
 
 
 def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig, cfg: EvalConfig,
-                    chat: bool = True, reference_model=None, prefix: str = "eval") -> tuple[dict, list[dict]]:
+                    chat: bool = True, reference_model=None, prefix: str = "eval",
+                    reward_model=None) -> tuple[dict, list[dict]]:
     """The protocol's figures for `model` (see the module docstring) as flat summary.json keys,
     and the greedy response to every eval prompt (for eval_samples.jsonl: look, don't just count)."""
     from ..engine import generate  # noqa: PLC0415 (the engine pulls in the model; configs import this package)
@@ -148,6 +149,17 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         f"{prefix}/pass@{cfg.k}": sum(passes) / n,
         f"{prefix}/n_prompts": n,
     }
+    if reward_model is not None:  # the proxy's view of the same T = 1 samples (RL stages: eval/proxy_score)
+        from ..engine.rollout import make_batch
+        flat = [(p, c) for p, samples in zip(prompts, sampled) for c in samples]
+        scores = []
+        for i in range(0, len(flat), cfg.batch_size):
+            chunk = flat[i : i + cfg.batch_size]
+            batch = make_batch([p for p, _ in chunk], [c.tokens for _, c in chunk], range(len(chunk)),
+                               [c.finished for _, c in chunk]).to(next(reward_model.parameters()).device)
+            with torch.no_grad():
+                scores += reward_model.score(batch.ids, pad_mask=batch.pad_mask).tolist()
+        out[f"{prefix}/proxy_score"] = sum(scores) / len(scores)
     if reference_model is None:
         out[f"{prefix}/kl_to_sft"] = 0.0
     else:

@@ -153,30 +153,33 @@ class Session:
     def full_state_dicts(self) -> tuple[dict, dict]:
         return get_state_dict(self.train_model, self.optimizer, options=_FULL)
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, extra: dict | None = None) -> None:
+        """`extra`: the stage's own resumable state (e.g. RL's adaptive beta), back in state["extra"]."""
         model_sd, optim_sd = self.full_state_dicts()
         if self.info.is_main:
-            save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config)
+            save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config, extra)
 
-    def stopped_early(self) -> bool:
+    def stopped_early(self, extra: dict | None = None) -> bool:
         """After the loop: True (with a checkpoint) when stop_at cut the schedule short."""
         self.bar.close()
         if self.last_step >= self.tc.max_steps:
             return False
         if self.last_step > self.start_step:
-            self.checkpoint(self.last_step)
+            self.checkpoint(self.last_step, extra)
         self.logger.close()
         print0(f"{self.section}: stopped at step {self.last_step} of {self.tc.max_steps} ({self.section}.stop_at); "
                "rerun to resume", info=self.info)
         return True
 
-    def finish(self, summary: dict, metadata: dict | None = None, **final_metrics) -> None:
+    def finish(self, summary: dict, metadata: dict | None = None, weights: Callable[[dict], dict] | None = None,
+               extra: dict | None = None, **final_metrics) -> None:
         """Final checkpoint, weights, summary.json and the last metrics line. `metadata`: extra
-        entries of the weights' header (a scalar head's kind, see model/heads.py)."""
-        self.checkpoint(self.tc.max_steps)
+        entries of the weights' header (a scalar head's kind, see model/heads.py). `weights` picks
+        what model.safetensors holds from the full state dict (RL: the policy, not its critic)."""
+        self.checkpoint(self.tc.max_steps, extra)
         model_sd, _ = self.full_state_dicts()
         if self.info.is_main:
-            save_model(self.stage_dir, model_sd, self.config, metadata)
+            save_model(self.stage_dir, weights(model_sd) if weights else model_sd, self.config, metadata)
             atomic_write_json(self.stage_dir / "summary.json", summary)
             if final_metrics:
                 self.logger.log(self.tc.max_steps, **final_metrics)

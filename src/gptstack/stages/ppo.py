@@ -1,0 +1,520 @@
+"""The RL loop: PPO-RLHF (InstructGPT), the over-optimization study, and GRPO/RLOO — one loop.
+
+    gptstack ppo     --policy runs/tiny/sft --rm runs/tiny/rm --out runs/tiny    # RM reward, KL penalty, critic
+    gptstack overopt --policy runs/tiny/sft --rm runs/tiny/rm --out runs/tiny    # PPO run long at low beta
+    gptstack grpo    --policy runs/tiny/sft --reward gold --out runs/tiny        # verifiable reward, groups
+
+Each update (CleanRL's ppo.py, with InstructGPT's reward):
+  1. rollout: `prompts_per_update` prompts x `samples_per_prompt` responses from the engine;
+  2. score: the reward model at the response's last token (or the gold / verifiable reward); a
+     response that never ends gets `no_end_score`; with world prompts the *gold* reward is always
+     logged beside the proxy, which is what shows reward hacking;
+  3. advantages: GAE on r_t = -beta (log pi - log pi_ref) + score at the end, with the critic (value
+     head initialised from the RM), whitened; or group-normalised (GRPO) / leave-one-out (RLOO);
+  4. `epochs` passes of `minibatches` clipped-surrogate steps (+ clipped value loss, + PPO-ptx's
+     pretraining loss, + GRPO's k3 KL term), all on train/loop.py's Session (DDP, checkpoints,
+     NaN guard); the adaptive KL controller then moves beta.
+Checkpoints fall on update boundaries and every random draw is a function of (seed, update), so a
+resumed run is bit-identical to an uninterrupted one. Metric names follow TRL (objective/kl, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import world
+from ..common import UserError, atomic_write_json, atomic_write_text
+from ..config import Config, RLConfig
+from ..engine.rollout import Batch, rollout, token_logprobs, token_values
+from ..eval import protocol
+from ..model.heads import ScalarModel, load_scalar_model
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..train import rl
+from ..train.checkpoint import check_same_tokenizer, load_stage
+from ..train.dist import cleanup, init_distributed, print0
+from ..train.loop import Session, resume_state
+
+ADVANTAGES = ("gae", "grpo", "rloo")
+
+
+def validate(tc: RLConfig, section: str) -> None:
+    """Bad settings stop the stage before any rollout."""
+    checks = [
+        (tc.kl_coef >= 0, "kl_coef must be >= 0"), (tc.kl_loss_coef >= 0, "kl_loss_coef must be >= 0"),
+        (0 < tc.clip < 1, "clip (epsilon) must be in (0, 1)"), (tc.value_clip > 0, "value_clip must be > 0"),
+        (tc.kl_target >= 0, "kl_target must be >= 0"), (tc.ptx_coef >= 0, "ptx_coef must be >= 0"),
+        (tc.advantage in ADVANTAGES, f"advantage must be one of {', '.join(ADVANTAGES)}"),
+        (tc.updates >= 1 and tc.epochs >= 1 and tc.minibatches >= 1, "updates, epochs and minibatches must be >= 1"),
+        (tc.prompts_per_update >= 1 and tc.max_new_tokens >= 1, "prompts_per_update and max_new_tokens must be >= 1"),
+        (tc.temperature > 0, "temperature must be > 0"),
+        (tc.advantage == "gae" or tc.samples_per_prompt >= 2,
+         f"{tc.advantage} compares the samples of a prompt: samples_per_prompt (G) must be >= 2"),
+        ((tc.prompts_per_update * tc.samples_per_prompt) % (tc.minibatches * tc.grad_accum) == 0,
+         "prompts_per_update x samples_per_prompt must divide into minibatches x grad_accum"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"{section}: {message}")
+
+
+# --- prompts and rewards --------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    messages: list[dict]            # the prompt, ending with the user's turn
+    task: world.Task | None = None  # world prompts: the gold reward's task
+    answer: str | None = None       # verifiable files (GSM8K): the reference answer
+
+
+class Prompts:
+    """Training prompts, drawn per (update, rank): world tasks by default, or a prompt file's rows."""
+
+    def __init__(self, cfg: Config, tc: RLConfig, data: str | None = None, skip_bad_rows: bool = False):
+        self.cfg, self.tc, self.items = cfg, tc, None
+        if data not in (None, "world"):
+            from ..data.formats import read_dataset
+            ds = read_dataset(data, expect=("prompt", "sft", "preference", "ranking", "verifiable"),
+                              skip_bad_rows=skip_bad_rows)
+            answers = [r.get("answer") for r in ds.rows] if ds.kind == "verifiable" else [None] * len(ds.rows)
+            self.items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
+            if not self.items:
+                raise UserError(f"{data}: no prompts")
+
+    def draw(self, update: int, rank: int) -> list[Item]:
+        n = self.tc.prompts_per_update
+        if self.items is None:
+            tasks = world.train_tasks(n, seed=(self.tc.prompt_seed * 1_000_003 + update) * 101 + rank, config=self.cfg.world)
+            return [Item([{"role": "user", "content": t.prompt}], t) for t in tasks]
+        g = torch.Generator().manual_seed((self.tc.prompt_seed * 1_000_003 + update) * 101 + rank)
+        return [self.items[i] for i in torch.randint(len(self.items), (n,), generator=g).tolist()]
+
+
+def response_texts(tok: Tokenizer, batch: Batch) -> list[str]:
+    return [tok.decode(r[:-1] if done else r) for r, done in zip(batch.responses, batch.finished.tolist())]
+
+
+def gold_and_hacks(items: list[Item], batch: Batch, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Per rollout: gold reward and correctness (world prompts), repetition and length."""
+    ended = batch.finished.tolist()
+    out = {"length": batch.mask.sum(1)}
+    tasks = [items[i].task for i in batch.prompt_index]
+    if all(t is not None for t in tasks):
+        scores = [world.score(t, text, e) for t, text, e in zip(tasks, texts, ended)]
+        out["gold"] = torch.tensor([s.score for s in scores])
+        out["correct"] = torch.tensor([float(s.correct) for s in scores])
+        out["repetition"] = torch.tensor([s.repetition for s in scores])
+    return out
+
+
+class Rewarder:
+    """The score of each rollout: the reward model ("rm"), the world's gold reward ("gold"), a
+    verifiable answer check ("answer": 1 if the final answer matches, for GSM8K-format files), or a
+    Python function fn(prompts, responses) -> scores (TRL's reward functions; library use, tests)."""
+
+    def __init__(self, kind, rm: ScalarModel | None = None):
+        self.kind, self.rm = kind, rm
+
+    @torch.no_grad()
+    def __call__(self, items: list[Item], batch: Batch, texts: list[str], extra: dict) -> torch.Tensor:
+        if callable(self.kind):
+            prompts = [items[i].messages[-1]["content"] for i in batch.prompt_index]
+            return torch.tensor([float(x) for x in self.kind(prompts, texts)])
+        if self.kind == "rm":
+            return self.rm.score(batch.ids, pad_mask=batch.pad_mask)
+        if self.kind == "gold":
+            return extra["gold"]
+        from ..data.formats import check_answer
+        return torch.tensor([float(check_answer(t, items[i].answer)) for i, t in zip(batch.prompt_index, texts)])
+
+
+# --- the model being trained: policy (+ critic) ------------------------------------------------------
+
+
+class PolicyAndCritic(nn.Module):
+    """One module, so the Session wraps, checkpoints and optimises policy and critic together."""
+
+    def __init__(self, policy: nn.Module, critic: ScalarModel | None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, batch: Batch, temperature: float, ptx: tuple | None = None):
+        """-> (logp, entropy, values or None, pretraining loss or None); one forward call, so DDP
+        sees every parameter that gets a gradient."""
+        logp, entropy = token_logprobs(self.policy, batch, temperature, with_entropy=True)
+        values = token_values(self.critic, batch) if self.critic is not None else None
+        ptx_loss = self.policy(ptx[0], targets=ptx[1]) if ptx is not None else None
+        return logp, entropy, values, ptx_loss
+
+
+@dataclass
+class Experience:
+    update: int
+    items: list[Item]
+    batch: Batch
+    texts: list[str]
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor | None
+    returns: torch.Tensor | None
+    scores: torch.Tensor
+    stats: dict
+
+
+def seed_of(tc: RLConfig, update: int, rank: int, what: int) -> int:
+    return ((tc.prompt_seed * 1_000_003 + update) * 101 + rank) * 7 + what
+
+
+@torch.no_grad()
+def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.Module, rewarder: Rewarder,
+                    prompts: Prompts, tok: Tokenizer, rank: int, kl_coef: float, device) -> Experience:
+    model.eval()
+    items = prompts.draw(update, rank)
+    prompt_ids = [tok.render_prompt(it.messages) for it in items]
+    batch = rollout(model.policy, prompt_ids, tc.samples_per_prompt, tc.max_new_tokens, temperature=tc.temperature,
+                    stop_ids=[tok.special(ASSISTANT_END)], seed=seed_of(tc, update, rank, 0), truncate=True).to(device)
+    texts = response_texts(tok, batch)
+    extra = gold_and_hacks(items, batch, texts)
+    scores = rewarder(items, batch, texts, extra).float().to(device)
+    if tc.penalize_no_end:
+        scores = torch.where(batch.finished, scores, torch.full_like(scores, tc.no_end_score))
+    old_logp = token_logprobs(model.policy, batch, tc.temperature)[0]
+    ref_logp = token_logprobs(ref, batch, tc.temperature)[0]
+    kl = (old_logp - ref_logp) * batch.mask
+    old_values = returns = None
+    if tc.advantage == "gae":
+        old_values = token_values(model.critic, batch)
+        rewards = rl.per_token_rewards(scores, kl, kl_coef, batch.mask)
+        advantages, returns = rl.gae(rewards, old_values, batch.mask, tc.gamma, tc.lam)
+        if tc.whiten_advantages:
+            advantages = rl.masked_whiten(advantages, batch.mask)
+    else:
+        # GRPO/RLOO: a sequence-level advantage; a KL penalty, if any, goes into the score
+        shaped = scores - kl_coef * kl.sum(1)
+        advantages = (rl.group_advantages(shaped, tc.samples_per_prompt) if tc.advantage == "grpo"
+                      else rl.rloo_advantages(shaped, tc.samples_per_prompt))
+    non_score = (-kl_coef * kl).sum(1)
+    stats = {
+        "objective/kl": kl.sum(1).mean().item(),
+        "objective/entropy": (-old_logp).sum(1).mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (scores + non_score).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/kl_coef": kl_coef,
+        "val/num_eos_tokens": int(batch.finished.sum()),
+        "hack/length": extra["length"].mean().item(),
+    }
+    if "gold" in extra:
+        stats.update({"gold/reward": extra["gold"].mean().item(), "gold/accuracy": extra["correct"].mean().item(),
+                      "hack/repetition": extra["repetition"].mean().item()})
+    if tc.samples_per_prompt > 1:
+        spread = scores.view(-1, tc.samples_per_prompt).std(dim=1)
+        stats["frac_reward_zero_std"] = (spread < 1e-6).float().mean().item()  # TRL: groups that teach nothing
+        stats["reward_std"] = spread.mean().item()
+    return Experience(update, items, batch, texts, old_logp, ref_logp, advantages, old_values, returns, scores,
+                      {**stats, "_gold": extra.get("gold"), "_scores": scores.cpu()})
+
+
+def minibatch_loss(model_fn, exp: Experience, rows: torch.Tensor, tc: RLConfig, ptx_batch, acc: dict) -> torch.Tensor:
+    """The clipped PPO objective on `rows` of the experience (+ value, k3-KL and ptx terms)."""
+    mb = exp.batch.select(rows)
+    mask = mb.mask
+    logp, entropy, values, ptx = model_fn(mb, tc.temperature, ptx_batch)
+    adv = exp.advantages[rows]
+    pg_loss, clipfrac, approxkl = rl.clipped_policy_loss(logp, exp.old_logp[rows], adv, mask, tc.clip)
+    loss = pg_loss
+    if values is not None:
+        vf_loss, vf_clipfrac = rl.clipped_value_loss(values, exp.old_values[rows], exp.returns[rows], mask, tc.value_clip)
+        loss = loss + tc.vf_coef * vf_loss
+        acc["loss/value_avg"].append(vf_loss.item())
+        acc["val/clipfrac_avg"].append(vf_clipfrac.item())
+    if tc.kl_loss_coef:
+        log_r = exp.ref_logp[rows] - logp   # k3 = r - log r - 1 with r = pi_ref / pi: unbiased, >= 0
+        k3 = torch.exp(log_r) - log_r - 1
+        loss = loss + tc.kl_loss_coef * rl.masked_mean(k3, mask)
+    if ptx is not None:
+        loss = loss + tc.ptx_coef * ptx
+        acc["loss/ptx_avg"].append(ptx.item())
+    with torch.no_grad():
+        acc["loss/policy_avg"].append(pg_loss.item())
+        acc["policy/approxkl_avg"].append(approxkl.item())
+        acc["policy/clipfrac_avg"].append(clipfrac.item())
+        acc["policy/entropy_avg"].append(rl.masked_mean(entropy, mask).item())
+        acc["val/ratio"].append(rl.masked_mean(torch.exp(logp - exp.old_logp[rows]), mask).item())
+    return loss
+
+
+# --- held-out evaluation during training (the over-optimization curve) -------------------------------
+
+
+def heldout_items(cfg: Config, n: int) -> list[Item]:
+    """`n` prompts of the world's eval set, spread evenly over it (all families)."""
+    tasks = world.eval_set(cfg.world)
+    picks = [tasks[(i * len(tasks)) // n] for i in range(min(n, len(tasks)))]
+    return [Item([{"role": "user", "content": t.prompt}], t) for t in picks]
+
+
+@torch.no_grad()
+def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Item], tok: Tokenizer, tc: RLConfig,
+                  seed: int) -> dict:
+    """Proxy (RM) and gold reward, accuracy and KL(pi || pi_ref) of T = 1 samples on held-out prompts."""
+    policy.eval()
+    prompt_ids = [tok.render_prompt(it.messages) for it in items]
+    batch = rollout(policy, prompt_ids, tc.eval_samples, tc.max_new_tokens, temperature=1.0,
+                    stop_ids=[tok.special(ASSISTANT_END)], seed=seed, truncate=True)
+    texts = response_texts(tok, batch)
+    extra = gold_and_hacks(items, batch, texts)
+    kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
+    point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
+             "accuracy": extra["correct"].mean().item()}
+    if rm is not None:
+        point["proxy"] = rm.score(batch.ids, pad_mask=batch.pad_mask).mean().item()
+    return point
+
+
+def fit_gao_rl(points: list[dict]) -> dict:
+    """Least squares of gold - gold(d=0) = d (alpha - beta log d) (Gao et al. 2023, RL form), a model
+    linear in (alpha, beta), through the origin; R^2 on the gains. The fitted peak is where the
+    derivative alpha - beta (log d + 1) vanishes: d* = exp(alpha / beta - 1)."""
+    base = next((p["gold"] for p in points if p["d"] == 0), points[0]["gold"])
+    pts = [p for p in points if p["d"] > 0]
+    if len(pts) < 3:
+        return {}
+    d = torch.tensor([p["d"] for p in pts], dtype=torch.float64)
+    y = torch.tensor([p["gold"] - base for p in pts], dtype=torch.float64)
+    X = torch.stack([d, -d * torch.log(d)], dim=1)
+    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    alpha, beta = coef.tolist()
+    residual = ((X @ coef - y) ** 2).sum().item()
+    total = ((y - y.mean()) ** 2).sum().item()
+    out = {"fit/alpha": alpha, "fit/beta": beta, "fit/r2": 1 - residual / total if total > 0 else 0.0,
+           "fit/gold_at_d0": base}
+    if beta > 0:
+        out["fit/peak_d"] = math.exp(alpha / beta - 1)
+    return out
+
+
+def plot_overopt(points: list[dict], fit: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    d = [p["d"] for p in points]
+    ax.plot(d, [p["gold"] for p in points], "o-", label="gold reward (held-out)")
+    if all("proxy" in p for p in points):
+        ax2 = ax.twinx()
+        ax2.plot(d, [p["proxy"] for p in points], "s--", color="tab:orange", label="proxy (RM score)")
+        ax2.set_ylabel("proxy (normalised RM score)")
+        ax2.legend(loc="lower right")
+    if fit:
+        xs = torch.linspace(max(min(d), 1e-3), max(d), 100)
+        ys = fit["fit/gold_at_d0"] + xs * (fit["fit/alpha"] - fit["fit/beta"] * torch.log(xs))
+        ax.plot(xs, ys, ":", color="tab:blue", label=f"fit d(α − β log d), R² = {fit['fit/r2']:.2f}")
+    ax.set_xlabel("d = √KL(π ‖ π_sft)")
+    ax.set_ylabel("gold reward")
+    ax.legend(loc="upper left")
+    ax.set_title("Over-optimization: gold vs proxy")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+class HackAlarm:
+    """Warns when the proxy keeps rising while gold falls: window means of the last two windows."""
+
+    def __init__(self, window: int, history: list | None = None):
+        self.window, self.history, self.fired_at = window, history or [], -10**9
+
+    def update(self, update: int, proxy: float, gold: float | None) -> bool:
+        if gold is None:
+            return False
+        self.history.append((proxy, gold))
+        w = self.window
+        if len(self.history) < 2 * w or update - self.fired_at < w:
+            return False
+        prev, last = self.history[-2 * w : -w], self.history[-w:]
+        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+        if mean(last, 0) > mean(prev, 0) and mean(last, 1) < mean(prev, 1) - 0.005:
+            self.fired_at = update
+            return True
+        return False
+
+
+def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path | None = None,
+        reward: str = "rm", prompts: str | None = None, stage: str = "ppo", fresh: bool = False,
+        skip_bad_rows: bool = False) -> dict:
+    t_start = time.perf_counter()
+    tc: RLConfig = getattr(cfg, stage)
+    validate(tc, stage)
+    if reward == "rm" and rm_dir is None:
+        raise UserError(f"{stage}: the reward model's reward needs --rm RUN/rm")
+    if not callable(reward) and reward not in ("rm", "gold", "answer"):
+        raise UserError(f"{stage}: reward must be rm, gold or answer, got {reward!r}")
+    info = init_distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = info.device
+    policy_dir, run_dir = Path(policy_dir), Path(out)
+    stage_dir = run_dir / stage
+
+    # --- models and data, all checked before any rollout -------------------------------------------
+    policy, policy_cfg, tok = load_stage(policy_dir, device)
+    cfg.model = policy_cfg.model
+    ref = load_stage(policy_dir, device)[0].eval().requires_grad_(False)
+    rm = critic = None
+    if rm_dir is not None:
+        check_same_tokenizer(policy_dir, rm_dir)
+        rm, _ = load_scalar_model(rm_dir, "reward", device)
+        rm.eval().requires_grad_(False)
+    if tc.advantage == "gae":  # InstructGPT: the value function starts from the RM (else from the policy)
+        critic = load_scalar_model(rm_dir, "reward", device)[0] if rm_dir else ScalarModel.from_policy(policy)
+        critic.kind = "value"
+    source = Prompts(cfg, tc, prompts, skip_bad_rows)
+    if reward == "gold" and source.items is not None:
+        raise UserError(f"{stage}: --reward gold needs world prompts; for a GSM8K-format file use --reward answer")
+    if reward == "answer" and (source.items is None or any(it.answer is None for it in source.items)):
+        raise UserError(f"{stage}: --reward answer needs a verifiable prompt file (question/answer rows)")
+    rewarder = Rewarder(reward, rm)
+    reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "function")
+    ptx_tokens = None
+    if tc.ptx_coef:
+        from ..data.corpus import build_corpus
+        from .pretrain import Corpus
+        corpus = Corpus(policy_cfg)
+        ptx_tokens = build_corpus(corpus.splits, corpus.fingerprint, tok, policy_dir.parent / "data")["train"].tokens
+    if info.is_main and (run_dir / "tokenizer").resolve() != (policy_dir.parent / "tokenizer").resolve():
+        import shutil
+        shutil.copytree(policy_dir.parent / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
+
+    state = resume_state(stage_dir, fresh, info)
+    model = PolicyAndCritic(policy, critic)
+    per_update = tc.epochs * tc.minibatches
+    rows = tc.prompts_per_update * tc.samples_per_prompt
+    mb_rows = rows // tc.minibatches
+    session_tc = dataclasses.replace(tc, max_steps=tc.updates * per_update, stop_at=tc.stop_at * per_update,
+                                     batch_size=mb_rows // tc.grad_accum)
+    session = Session.start(session_tc, stage, model, stage_dir, info, cfg.to_dict(), state)
+    saved = (state or {}).get("extra", {})
+    kl_ctl = rl.AdaptiveKLController(tc.kl_coef, tc.kl_target or None, tc.kl_horizon)
+    kl_ctl.value = saved.get("kl_coef", tc.kl_coef)
+    alarm = HackAlarm(tc.hack_window, saved.get("hack_history"))
+    points: list[dict] = saved.get("points", [])
+    gold_ref: list | None = saved.get("gold_ref")   # SFT's gold mean/std on the first rollouts
+    heldout = heldout_items(cfg, tc.eval_prompts) if source.items is None else []
+    print0(f"{stage}: {tc.updates} updates x {rows} rollouts ({tc.prompts_per_update} prompts x "
+           f"{tc.samples_per_prompt}), {tc.epochs} epochs x {tc.minibatches} minibatches, advantage {tc.advantage}, "
+           f"reward {reward_name}, beta {kl_ctl.value}", info=info)
+
+    def evaluate_point(update: int) -> None:
+        if heldout and info.is_main:
+            point = {"step": update, **heldout_point(policy, ref, rm, heldout, tok, tc, cfg.eval.seed)}
+            points.append(point)
+            session.log(update * per_update, **{f"heldout/{k}": v for k, v in point.items() if k != "step"})
+
+    if session.start_step == 0 and tc.eval_every:
+        evaluate_point(0)
+
+    exp: Experience | None = None
+    acc: dict = {}
+    for step in session.steps():
+        update, k = divmod(step, per_update)
+        if exp is None or exp.update != update:
+            t_update = time.perf_counter()
+            exp = make_experience(update, tc, model, ref, rewarder, source, tok, info.rank, kl_ctl.value, device)
+            if gold_ref is None and exp.stats["_gold"] is not None:
+                g = exp.stats["_gold"]
+                gold_ref = [g.mean().item(), g.std().item() or 1.0]
+            acc = {k_: [] for k_ in ("loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "policy/approxkl_avg",
+                                     "policy/clipfrac_avg", "policy/entropy_avg", "val/ratio", "loss/ptx_avg")}
+            model.train()
+        epoch, m = divmod(k, tc.minibatches)
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed_of(tc, update, info.rank, 1 + epoch)))
+        mb = perm[m * mb_rows : (m + 1) * mb_rows]
+
+        def micro_loss(micro: int) -> torch.Tensor:
+            part = mb[micro * session_tc.batch_size : (micro + 1) * session_tc.batch_size].to(device)
+            ptx = None
+            if ptx_tokens is not None:
+                from ..data.corpus import get_batch
+                x, y = get_batch(ptx_tokens, tc.ptx_batch_size, cfg.model.block_size, tc.seed, step, micro,
+                                 info.rank, info.world)
+                ptx = (x.to(device), y.to(device))
+            return minibatch_loss(session.step_model, exp, part, tc, ptx, acc)
+
+        session.step(step, micro_loss)
+        if k != per_update - 1:
+            continue
+
+        # --- end of an update: beta, metrics, alarm, evaluation, checkpoint --------------------------
+        done = update + 1
+        kl_ctl.update(exp.stats["objective/kl"], rows * info.world)
+        elapsed = time.perf_counter() - t_update
+        stats = {k_: v for k_, v in exp.stats.items() if not k_.startswith("_")}
+        stats.update({k_: sum(v) / len(v) for k_, v in acc.items() if v})
+        stats.update({"time/update_s": elapsed, "time/rollouts_per_s": rows / elapsed, "episode": done * rows})
+        if gold_ref is not None and "gold/reward" in stats:
+            gold_z = (stats["gold/reward"] - gold_ref[0]) / gold_ref[1]
+            stats["hack/proxy_gold_gap"] = (stats["objective/scores"] if reward == "rm" else gold_z) - gold_z
+        if done % tc.log_every == 0 or done == tc.updates:
+            postfix = {"score": f"{stats['objective/scores']:.2f}", "kl": f"{stats['objective/kl']:.2f}"}
+            if "gold/reward" in stats:
+                postfix["gold"] = f"{stats['gold/reward']:.3f}"
+            session.log(step + 1, postfix, **stats)
+        if reward == "rm" and alarm.update(done, stats["objective/scores"], stats.get("gold/reward")) and info.is_main:
+            worst = max(range(len(exp.texts)), key=lambda i: float(exp.scores[i]) - float(exp.stats["_gold"][i]))
+            print0(f"\nwarning: reward hacking? over the last {tc.hack_window} updates the RM score rose while "
+                   f"the gold reward fell (update {done}: proxy {stats['objective/scores']:.2f}, gold "
+                   f"{stats['gold/reward']:.3f}). Highest proxy-minus-gold sample:\n  prompt: "
+                   f"{exp.items[exp.batch.prompt_index[worst]].messages[-1]['content']}\n  response: "
+                   f"{exp.texts[worst]!r}\n  proxy {float(exp.scores[worst]):.2f}, gold "
+                   f"{float(exp.stats['_gold'][worst]):.3f}", info=info)
+        if tc.eval_every and done % tc.eval_every == 0:
+            evaluate_point(done)
+            model.train()
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.updates:
+            session.checkpoint(step + 1, extra={"kl_coef": kl_ctl.value, "hack_history": alarm.history,
+                                                "points": points, "gold_ref": gold_ref})
+    extra = {"kl_coef": kl_ctl.value, "hack_history": alarm.history, "points": points, "gold_ref": gold_ref}
+    if session.stopped_early(extra=extra):
+        cleanup(info)
+        return {"stopped_at_update": session.last_step // per_update}
+
+    # --- final evaluation through the shared protocol, weights (the policy), summary -------------------
+    summary: dict = {}
+    if info.is_main:
+        if source.items is None:
+            figures, samples = protocol.evaluate_policy(policy, tok, cfg.world, cfg.eval, reference_model=ref,
+                                                        reward_model=rm)
+            atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+            summary.update(figures)
+        summary.update({"updates": tc.updates, "rollouts": tc.updates * rows * info.world, "reward": reward_name,
+                        "final/kl_coef": kl_ctl.value, "wall_seconds": time.perf_counter() - t_start})
+        if points:
+            fit = fit_gao_rl(points)
+            summary.update({"points": points, **fit})
+            best = max(points, key=lambda p: p["gold"])
+            summary["gold_peak_d"] = fit.get("fit/peak_d", best["d"]) if fit.get("fit/beta", 0) > 0 else best["d"]
+            summary["gold_peak_d_observed"] = best["d"]
+            plot_overopt(points, fit, stage_dir / "overopt.png")
+    session.finish(summary, extra=extra, weights=lambda sd: {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")},
+                   **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
+    if info.is_main and "eval/accuracy" in summary:
+        print0(f"{stage}: accuracy {summary['eval/accuracy']:.1%}, gold {summary['eval/gold_reward']:.3f}, "
+               f"proxy {summary.get('eval/proxy_score', float('nan')):.2f}, KL to SFT {summary['eval/kl_to_sft']:.2f}; "
+               f"wrote {stage_dir}")
+    cleanup(info)
+    return summary

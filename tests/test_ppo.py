@@ -1,0 +1,124 @@
+"""The RL loop (stages/ppo.py): it learns (a stub reward rises), resumes bit-exactly, refuses bad
+input before any rollout, and the over-optimization fit recovers known coefficients."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptstack.common import UserError
+from gptstack.config import Config, build_config
+from gptstack.model.gpt import GPT, GPTConfig
+from gptstack.model.heads import ScalarModel, save_scalar_model
+from gptstack.stages import ppo
+from gptstack.tokenizer import Tokenizer
+from gptstack.train.checkpoint import save_model
+
+TEXT = "What is 2 + 3? The answer is 5. Which is larger, 58 or 85? Count the letters. " * 50
+
+
+def _make_run(root, seed=0, text=TEXT, vocab=270):
+    """RUN/tokenizer + a random-weight RUN/sft policy + RUN/rm reward model, in seconds."""
+    tok = Tokenizer.train(text, vocab, progress=False)
+    tok.save(root / "tokenizer")
+    cfg = Config()
+    cfg.model = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=96)
+    torch.manual_seed(seed)
+    policy = GPT(cfg.model)
+    save_model(root / "sft", policy.state_dict(), cfg.to_dict())
+    rm = ScalarModel.from_policy(policy)
+    torch.nn.init.normal_(rm.head.weight, std=0.3)
+    save_scalar_model(root / "rm", rm, cfg.to_dict())
+    return tok
+
+
+SMALL = ["ppo.prompts_per_update=16", "ppo.max_new_tokens=12", "ppo.epochs=2", "ppo.minibatches=2",
+         "ppo.checkpoint_every=1", "eval.limit=10", "eval.k=1", "eval.max_new_tokens=12", "ppo.threads=1"]
+
+
+def count_a(prompts, responses):
+    return [r.count("a") for r in responses]
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_a_stub_reward_rises_within_a_few_dozen_updates(tmp_path, advantage):
+    _make_run(tmp_path)
+    sets = SMALL + ["ppo.updates=30", "ppo.lr=3e-3", "ppo.penalize_no_end=false", "ppo.kl_coef=0", f"ppo.advantage={advantage}",
+                    "eval.limit=0"]
+    if advantage == "grpo":
+        sets += ["ppo.samples_per_prompt=4", "ppo.prompts_per_update=4"]
+    cfg = build_config("tiny", sets=sets)
+    cfg.eval.limit = 5
+    ppo.run(cfg, tmp_path / "sft", tmp_path, reward=count_a)
+    rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()]
+    scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
+    assert len(scores) == 30
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 1.0, (first, last)
+
+
+def test_resume_is_bit_exact_and_the_saved_model_is_the_policy(tmp_path):
+    for name in ("a", "b"):
+        _make_run(tmp_path / name)
+    sets = SMALL + ["ppo.updates=4", "ppo.kl_target=1.0", "ppo.kl_coef=0.1"]
+    ppo.run(build_config("tiny", sets=sets), tmp_path / "a/sft", tmp_path / "a", rm_dir=tmp_path / "a/rm")
+    stopped = ppo.run(build_config("tiny", sets=sets + ["ppo.stop_at=2"]), tmp_path / "b/sft", tmp_path / "b",
+                      rm_dir=tmp_path / "b/rm")
+    assert stopped == {"stopped_at_update": 2}
+    ppo.run(build_config("tiny", sets=sets), tmp_path / "b/sft", tmp_path / "b", rm_dir=tmp_path / "b/rm")
+    a, b = load_file(str(tmp_path / "a/ppo/model.safetensors")), load_file(str(tmp_path / "b/ppo/model.safetensors"))
+    assert a.keys() == b.keys() and "tok_emb.weight" in a and not any(k.startswith("critic") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((tmp_path / "a/ppo/summary.json").read_text())
+    sb = json.loads((tmp_path / "b/ppo/summary.json").read_text())
+    assert sa["final/kl_coef"] == sb["final/kl_coef"] != 0.1   # the adaptive beta moved, and was restored
+    for key in ("eval/accuracy", "eval/accuracy_ci95", "eval/gold_reward", "eval/format_ok", "eval/kl_to_sft",
+                "eval/proxy_score", "wall_seconds"):
+        assert key in sa, key
+    assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["eval/proxy_score"] == sb["eval/proxy_score"]
+    rows = [json.loads(line) for line in (tmp_path / "a/ppo/metrics.jsonl").read_text().splitlines()]
+    trl_names = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+                 "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "gold/reward",
+                 "gold/accuracy", "hack/repetition", "hack/length", "hack/proxy_gold_gap"}
+    assert trl_names <= set(rows[0]), trl_names - set(rows[0])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("ppo.kl_coef=-0.1", "kl_coef must be >= 0"),
+    ("ppo.clip=-0.2", "clip"),
+    ("ppo.advantage=foo", "advantage must be one of"),
+])
+def test_bad_settings_are_refused_before_any_rollout(tmp_path, bad, match):
+    _make_run(tmp_path)
+    with pytest.raises(UserError, match=match):
+        ppo.run(build_config("tiny", sets=SMALL + [bad]), tmp_path / "sft", tmp_path, rm_dir=tmp_path / "rm")
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_grpo_needs_two_samples_per_prompt(tmp_path):
+    _make_run(tmp_path)
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        ppo.run(build_config("tiny", sets=["grpo.samples_per_prompt=1"]), tmp_path / "sft", tmp_path,
+                reward="gold", stage="grpo")
+
+
+def test_an_rm_that_is_not_an_rm_or_of_another_tokenizer_is_refused(tmp_path):
+    _make_run(tmp_path / "a")
+    _make_run(tmp_path / "b", text=TEXT.upper())
+    with pytest.raises(UserError, match="expected a reward model, found a language model"):
+        ppo.run(build_config("tiny", sets=SMALL), tmp_path / "a/sft", tmp_path / "a", rm_dir=tmp_path / "a/sft")
+    with pytest.raises(UserError, match="tokenizer"):
+        ppo.run(build_config("tiny", sets=SMALL), tmp_path / "a/sft", tmp_path / "a", rm_dir=tmp_path / "b/rm")
+    assert not (tmp_path / "a/ppo").exists()
+
+
+def test_gao_rl_fit_recovers_known_coefficients():
+    alpha, beta, base = 0.8, 0.5, 0.3
+    points = [{"d": 0.0, "gold": base}] + [
+        {"d": d, "gold": base + d * (alpha - beta * math.log(d))} for d in (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
+    fit = ppo.fit_gao_rl(points)
+    assert fit["fit/alpha"] == pytest.approx(alpha) and fit["fit/beta"] == pytest.approx(beta)
+    assert fit["fit/r2"] == pytest.approx(1.0)
+    assert fit["fit/peak_d"] == pytest.approx(math.exp(alpha / beta - 1))
