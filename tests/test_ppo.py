@@ -122,3 +122,30 @@ def test_gao_rl_fit_recovers_known_coefficients():
     assert fit["fit/alpha"] == pytest.approx(alpha) and fit["fit/beta"] == pytest.approx(beta)
     assert fit["fit/r2"] == pytest.approx(1.0)
     assert fit["fit/peak_d"] == pytest.approx(math.exp(alpha / beta - 1))
+
+
+def test_grpo_runs_on_a_gsm8k_file_and_reports_answer_accuracy(tmp_path, shared_data):
+    rows = (shared_data / "gsm8k/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "gsm8k.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    _make_run(tmp_path, text="\n".join(rows), vocab=300)
+    from gptstack.cli import main
+    rc = main(["grpo", "--policy", str(tmp_path / "sft"), "--reward", str(tmp_path / "gsm8k.jsonl"), "--out", str(tmp_path),
+               "--set", "grpo.updates=2", "--set", "grpo.prompts_per_update=2", "--set", "grpo.samples_per_prompt=4",
+               "--set", "grpo.max_new_tokens=16", "--set", "eval.max_new_tokens=16", "--set", "grpo.threads=1"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "grpo/summary.json").read_text())
+    assert summary["eval/n_prompts"] == 4 and 0 <= summary["eval/accuracy"] <= 1    # the last 10 % held out
+    assert summary["reward"] == "answer"
+    rows = [json.loads(line) for line in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert "frac_reward_zero_std" in rows[0]   # a random policy answers nothing right: every group has zero spread
+    assert rows[0]["frac_reward_zero_std"] == 1.0
+
+
+def test_grpo_refuses_a_verifiable_file_with_a_non_numeric_final_answer(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n'
+                                        '{"question": "Name a colour.", "answer": "#### blue"}\n', encoding="utf-8")
+    _make_run(tmp_path)
+    with pytest.raises(UserError, match=r"bad.jsonl:2: answer"):
+        ppo.run(build_config("tiny"), tmp_path / "sft", tmp_path, reward="answer", prompts=str(tmp_path / "bad.jsonl"),
+                stage="grpo")
+    assert not (tmp_path / "grpo").exists()

@@ -78,15 +78,20 @@ class Prompts:
     """Training prompts, drawn per (update, rank): world tasks by default, or a prompt file's rows."""
 
     def __init__(self, cfg: Config, tc: RLConfig, data: str | None = None, skip_bad_rows: bool = False):
-        self.cfg, self.tc, self.items = cfg, tc, None
+        self.cfg, self.tc, self.items, self.heldout = cfg, tc, None, []
         if data not in (None, "world"):
             from ..data.formats import read_dataset
             ds = read_dataset(data, expect=("prompt", "sft", "preference", "ranking", "verifiable"),
                               skip_bad_rows=skip_bad_rows)
             answers = [r.get("answer") for r in ds.rows] if ds.kind == "verifiable" else [None] * len(ds.rows)
-            self.items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
-            if not self.items:
+            items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
+            if not items:
                 raise UserError(f"{data}: no prompts")
+            if ds.kind == "verifiable":
+                # the file's last rows (at most 10 %) are held out: the answer accuracy is measured on them
+                n_eval = min(tc.eval_prompts, len(items) // 10)
+                items, self.heldout = items[: len(items) - n_eval], items[len(items) - n_eval :]
+            self.items = items
 
     def draw(self, update: int, rank: int) -> list[Item]:
         n = self.tc.prompts_per_update
@@ -330,6 +335,26 @@ def plot_overopt(points: list[dict], fit: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+@torch.no_grad()
+def answer_accuracy(policy, tok: Tokenizer, items: list[Item], ecfg) -> tuple[dict, list[dict]]:
+    """Greedy answer accuracy on held-out rows of a verifiable file (GSM8K: the final number)."""
+    from ..data.formats import check_answer
+    from ..engine import generate
+
+    policy.eval()
+    prompts = [tok.render_prompt(it.messages) for it in items]
+    end = tok.special(ASSISTANT_END)
+    out = generate(policy, prompts, ecfg.max_new_tokens, temperature=0.0, stop_ids=[end], seed=ecfg.seed, truncate=True)
+    samples = []
+    for it, (c,) in zip(items, out):
+        text = tok.decode([t for t in c.tokens if t != end])
+        samples.append({"prompt": it.messages[-1]["content"], "response": text, "answer": it.answer,
+                        "correct": check_answer(text, it.answer)})
+    n_correct = sum(s["correct"] for s in samples)
+    return {"eval/accuracy": n_correct / len(items), "eval/accuracy_ci95": protocol.wilson_interval(n_correct, len(items)),
+            "eval/n_prompts": len(items)}, samples
+
+
 # --- the loop ------------------------------------------------------------------------------------------
 
 
@@ -499,8 +524,10 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
         if source.items is None:
             figures, samples = protocol.evaluate_policy(policy, tok, cfg.world, cfg.eval, reference_model=ref,
                                                         reward_model=rm)
-            atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-            summary.update(figures)
+        else:
+            figures, samples = answer_accuracy(policy, tok, source.heldout, cfg.eval) if source.heldout else ({}, [])
+        atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        summary.update(figures)
         summary.update({"updates": tc.updates, "rollouts": tc.updates * rows * info.world, "reward": reward_name,
                         "final/kl_coef": kl_ctl.value, "wall_seconds": time.perf_counter() - t_start})
         if points:
@@ -512,9 +539,10 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             plot_overopt(points, fit, stage_dir / "overopt.png")
     session.finish(summary, extra=extra, weights=lambda sd: {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")},
                    **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
-    if info.is_main and "eval/accuracy" in summary:
-        print0(f"{stage}: accuracy {summary['eval/accuracy']:.1%}, gold {summary['eval/gold_reward']:.3f}, "
-               f"proxy {summary.get('eval/proxy_score', float('nan')):.2f}, KL to SFT {summary['eval/kl_to_sft']:.2f}; "
-               f"wrote {stage_dir}")
+    if info.is_main:
+        shown = {"accuracy": "eval/accuracy", "gold": "eval/gold_reward", "proxy": "eval/proxy_score",
+                 "KL to SFT": "eval/kl_to_sft", "gold peak at d": "gold_peak_d"}
+        print0(f"{stage}: " + ", ".join(f"{name} {summary[key]:.3f}" for name, key in shown.items() if key in summary)
+               + f"; wrote {stage_dir}")
     cleanup(info)
     return summary
