@@ -231,14 +231,12 @@ def resolve_stage(path: str) -> Path:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .engine import generate
-    from .tokenizer import ASSISTANT_END
+    from .engine.chat import fit_history, stream_reply
     from .train.checkpoint import load_stage
 
     stage = resolve_stage(args.run)
     model, _, tok = load_stage(stage)
     model.eval()
-    end = tok.special(ASSISTANT_END)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {stage} ({model.num_params() / 1e6:.1f}M params); /reset clears the history, "
@@ -255,35 +253,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
         # the oldest turns are dropped (left-truncation) when the history outgrows the context
-        while len(tok.render_prompt(history)) + args.max_new_tokens > model.config.block_size and len(history) > 1:
-            history = history[2:]
-        prompt = tok.render_prompt(history)
-        if len(prompt) >= model.config.block_size:
-            raise UserError(f"message too long: {len(prompt)} tokens, the model's context is {model.config.block_size}")
+        history = fit_history(tok, [*history, {"role": "user", "content": line}], args.max_new_tokens,
+                              model.config.block_size)
         sys.stdout.write("assistant> ")
-        printed: list[int] = []
-        shown = ""
 
-        def stream(prompt_index: int, sample_index: int, token: int) -> None:
-            nonlocal shown
-            if token == end:
-                return
-            printed.append(token)
-            text = tok.decode(printed)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-        (completion,), = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k or None, stop_ids=[end], seed=args.seed + turn, on_token=stream)
-        reply = tok.decode([t for t in completion.tokens if t != end])
-        sys.stdout.write(reply[len(shown):] + "\n")
+        reply, _ = stream_reply(model, tok, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, seed=args.seed + turn, on_text=show)
+        sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": reply})
         turn += 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.app import serve
+    except ImportError as e:  # fastapi / uvicorn missing from a partial install
+        raise UserError(f"gptstack serve needs FastAPI and uvicorn ({e}); pip install fastapi uvicorn") from None
+    serve(args.run, _config(args), host=args.host, port=args.port, token=args.token)
     return 0
 
 
@@ -497,6 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--seed", type=int, default=0)
     chat.set_defaults(handler=cmd_chat)
+
+    srv = commands.add_parser("serve", help="chat, compare and rank responses in the browser", formatter_class=fmt,
+                              description="A local web app over RUN: chat with any stage's model (streamed), "
+                                          "compare two stages on one prompt (gold reward, RM score), and rank K "
+                                          "sampled responses; every label goes to RUN/feedback.sqlite at once, "
+                                          "which `gptstack rm --prefs RUN/feedback.sqlite` trains on.")
+    srv.add_argument("run", metavar="RUN", help="a run directory (with RUN/tokenizer and trained stages)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (the default is this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port")
+    srv.add_argument("--token", default=None, metavar="T",
+                     help="require `Authorization: Bearer T` on every /api request but /api/health")
+    srv.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the serve and world sections")
+    srv.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set serve.k=3 or --set serve.prompts=prompts.jsonl")
+    srv.set_defaults(handler=cmd_serve)
 
     smp = commands.add_parser("sample", help="sample text from a trained stage", formatter_class=fmt,
                               description="Continue a prompt with a trained model (KV-cache sampling).")

@@ -21,6 +21,7 @@ from .common import UserError
 from .model.gpt import PRESETS, GPTConfig
 from .world.tasks import WorldConfig
 from .eval.config import EvalConfig
+from .serve.config import ServeConfig
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Config:
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     bon: BonConfig = field(default_factory=BonConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,342 @@
+"""RUN/feedback.sqlite: the labels people give in `gptstack serve`, and the readers stages use.
+
+    store = FeedbackStore("runs/demo/feedback.sqlite")
+    [item] = store.add_items("ana", [Item(prompt, responses, finished, gold, prompt_index=0)],
+                             model="sft", source="world")
+    store.label(item.id, "ana", "ranked", [2, 0, 1])   # committed (and fsynced) before it returns
+    store.undo("ana")                                  # the last label is marked undone, its item comes back
+    rows, counts = read_feedback("runs/demo/feedback.sqlite")    # what `gptstack rm --prefs` trains on
+    export_prefs("runs/demo", "prefs.jsonl")                     # TRL prompt/chosen/rejected JSONL
+
+Two tables. `items` holds what was shown: a prompt and the K responses the model sampled for it,
+assigned to one annotator. `labels` holds one row per judgement, self-contained (annotator,
+prompt, responses, model, ranking best first, status ranked / all_bad / skipped, time); undo sets
+its `undone` time rather than deleting it, so nothing anyone did is ever lost. A partial unique
+index allows one active label per item, so a double submit can never count twice.
+
+Durability: WAL journal with synchronous=FULL, one `BEGIN IMMEDIATE` transaction per label: a
+label the server acknowledged is on disk, and a killed server (even kill -9 mid-write) leaves the
+database with every committed label and nothing half-written (SQLite rolls back the rest).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common import UserError, atomic_write_text
+
+FILENAME = "feedback.sqlite"
+STATUSES = ("ranked", "all_bad", "skipped")
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id           INTEGER PRIMARY KEY,
+    annotator    TEXT NOT NULL,        -- who it was shown to
+    prompt_index INTEGER NOT NULL,     -- position in the server's prompt set
+    prompt       TEXT NOT NULL,        -- JSON: messages ending with the user's turn
+    responses    TEXT NOT NULL,        -- JSON: list of response texts, in the order shown
+    finished     TEXT NOT NULL,        -- JSON: per response, did the model end its turn
+    gold         TEXT,                 -- JSON: per response gold reward (world prompts), else NULL
+    model        TEXT NOT NULL,        -- the stage that sampled the responses, e.g. sft
+    source       TEXT NOT NULL,        -- the prompt set: world or a file path
+    created      REAL NOT NULL         -- unix time
+);
+CREATE INDEX IF NOT EXISTS items_by_annotator ON items (annotator, id);
+CREATE TABLE IF NOT EXISTS labels (
+    id         INTEGER PRIMARY KEY,
+    item_id    INTEGER NOT NULL REFERENCES items (id),
+    annotator  TEXT NOT NULL,
+    prompt     TEXT NOT NULL,          -- JSON, copied from the item: a label row stands alone
+    responses  TEXT NOT NULL,          -- JSON
+    gold       TEXT,                   -- JSON or NULL
+    model      TEXT NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('ranked', 'all_bad', 'skipped')),
+    ranking    TEXT,                   -- JSON: response indices, best first (status ranked), else NULL
+    created    REAL NOT NULL,
+    undone     REAL                    -- time of the undo, NULL while the label stands
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_label ON labels (item_id) WHERE undone IS NULL;
+CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels (annotator, id);
+"""
+
+
+class NotFound(LookupError):
+    """No such item (HTTP 404)."""
+
+
+class Conflict(RuntimeError):
+    """The request contradicts the store's state: already labeled, another annotator's item (HTTP 409)."""
+
+
+class Invalid(ValueError):
+    """A label that does not fit its item, e.g. a ranking of other responses than those shown (HTTP 422)."""
+
+
+@dataclass
+class Item:
+    prompt: list[dict]
+    responses: list[str]
+    finished: list[bool]
+    gold: list[float] | None
+    prompt_index: int
+    id: int | None = None
+    model: str = ""
+    source: str = ""
+    annotator: str = ""
+
+    def public(self) -> dict:
+        """What the page shows: never the gold reward (it would bias the annotator)."""
+        return {"item_id": self.id, "prompt": self.prompt, "responses": self.responses, "finished": self.finished,
+                "model": self.model, "source": self.source, "prompt_index": self.prompt_index,
+                "world": self.gold is not None}
+
+
+def check_ranking(ranking, k: int) -> list[int]:
+    """A full ranking of k responses: a permutation of 0..k-1, best first."""
+    if not isinstance(ranking, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in ranking) \
+            or sorted(ranking) != list(range(k)):
+        raise Invalid(f"ranking {json.dumps(ranking)[:80]} does not match the {k} responses shown: expected each "
+                      f"of 0..{k - 1} exactly once, best first")
+    return list(ranking)
+
+
+def gold_agreement(labels: list[tuple[list[int], list[float]]]) -> tuple[int, int]:
+    """(agreeing pairs, pairs) over the pairs each ranking implies whose gold rewards differ:
+    a pair agrees when the response ranked higher has the higher gold reward."""
+    agree = total = 0
+    for ranking, gold in labels:
+        for i, better in enumerate(ranking):
+            for worse in ranking[i + 1:]:
+                if gold[better] != gold[worse]:
+                    total += 1
+                    agree += gold[better] > gold[worse]
+    return agree, total
+
+
+class FeedbackStore:
+    """RUN/feedback.sqlite, safe to share between threads (one connection per thread)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # one transaction, so two servers starting on the same file cannot half-create it
+        self._db().executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect(self.path)
+            self._local.db = db
+        return db
+
+    def _write(self):
+        return _Transaction(self._db())
+
+    # --- items: what is shown ------------------------------------------------------------------
+
+    def next_prompt_index(self) -> int:
+        return self._db().execute("SELECT COALESCE(MAX(prompt_index), -1) + 1 FROM items").fetchone()[0]
+
+    def add_items(self, annotator: str, items: list[Item], model: str, source: str) -> list[Item]:
+        now = time.time()
+        with self._write() as db:
+            for it in items:
+                cur = db.execute(
+                    "INSERT INTO items (annotator, prompt_index, prompt, responses, finished, gold, model, source,"
+                    " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (annotator, it.prompt_index, _dump(it.prompt), _dump(it.responses), _dump(it.finished),
+                     None if it.gold is None else _dump(it.gold), model, source, now))
+                it.id, it.model, it.source, it.annotator = cur.lastrowid, model, source, annotator
+        return items
+
+    def get_item(self, item_id: int) -> Item:
+        row = self._db().execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no item {item_id}")
+        return _item(row)
+
+    def next_item(self, annotator: str) -> Item | None:
+        """The annotator's oldest item without a standing label (an undone one comes back first)."""
+        row = self._db().execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items i WHERE annotator = ? AND NOT EXISTS "
+            "(SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.undone IS NULL) ORDER BY id LIMIT 1",
+            (annotator,)).fetchone()
+        return None if row is None else _item(row)
+
+    # --- labels --------------------------------------------------------------------------------
+
+    def label(self, item_id: int, annotator: str, status: str, ranking: list[int] | None = None,
+              responses: list[str] | None = None) -> int:
+        """Record one judgement in its own transaction; returns the label id. `responses`, when
+        given, must be exactly the item's (a stale page cannot label what it did not show)."""
+        if status not in STATUSES:
+            raise Invalid(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+        with self._write() as db:
+            row = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no item {item_id}")
+            item = _item(row)
+            if item.annotator != annotator:
+                raise Conflict(f"item {item_id} was shown to {item.annotator!r}, not {annotator!r}")
+            if responses is not None and list(responses) != item.responses:
+                raise Invalid(f"the responses sent do not match the {len(item.responses)} shown for item {item_id}")
+            if status == "ranked":
+                ranking = check_ranking(ranking, len(item.responses))
+            elif ranking:
+                raise Invalid(f"status {status} takes no ranking, got {json.dumps(ranking)[:80]}")
+            else:
+                ranking = None
+            if db.execute("SELECT 1 FROM labels WHERE item_id = ? AND undone IS NULL", (item_id,)).fetchone():
+                raise Conflict(f"item {item_id} is already labeled (undo the label to change it)")
+            cur = db.execute(
+                "INSERT INTO labels (item_id, annotator, prompt, responses, gold, model, status, ranking, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, annotator, _dump(item.prompt), _dump(item.responses),
+                 None if item.gold is None else _dump(item.gold), item.model, status,
+                 None if ranking is None else _dump(ranking), time.time()))
+            return cur.lastrowid
+
+    def undo(self, annotator: str) -> dict | None:
+        """Mark the annotator's most recent standing label undone; its item is shown again.
+        Returns {label_id, item_id, status} or None when there is nothing to undo."""
+        with self._write() as db:
+            row = db.execute("SELECT id, item_id, status FROM labels WHERE annotator = ? AND undone IS NULL "
+                             "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE labels SET undone = ? WHERE id = ?", (time.time(), row[0]))
+        return {"label_id": row[0], "item_id": row[1], "status": row[2]}
+
+    def stats(self, annotator: str | None = None) -> dict:
+        """Progress: standing labels by status (the annotator's and everyone's), items waiting,
+        and for world prompts the annotator's agreement with the gold reward."""
+        db = self._db()
+        everyone = Counter(dict(db.execute(
+            "SELECT status, COUNT(*) FROM labels WHERE undone IS NULL GROUP BY status").fetchall()))
+        out = {"total": sum(everyone.values()), "total_by_status": {s: everyone.get(s, 0) for s in STATUSES},
+               "prompts_labeled": db.execute("SELECT COUNT(DISTINCT i.prompt_index) FROM labels l JOIN items i "
+                                             "ON i.id = l.item_id WHERE l.undone IS NULL").fetchone()[0]}
+        if annotator is not None:
+            mine = Counter(dict(db.execute("SELECT status, COUNT(*) FROM labels WHERE undone IS NULL AND annotator = ? "
+                                           "GROUP BY status", (annotator,)).fetchall()))
+            ranked = [(json.loads(r), json.loads(g)) for r, g in db.execute(
+                "SELECT ranking, gold FROM labels WHERE undone IS NULL AND annotator = ? AND status = 'ranked' "
+                "AND gold IS NOT NULL", (annotator,))]
+            agree, pairs = gold_agreement(ranked)
+            pending = db.execute("SELECT COUNT(*) FROM items i WHERE annotator = ? AND NOT EXISTS (SELECT 1 FROM "
+                                 "labels l WHERE l.item_id = i.id AND l.undone IS NULL)", (annotator,)).fetchone()[0]
+            out.update({"annotator": annotator, "labeled": sum(mine.values()),
+                        "by_status": {s: mine.get(s, 0) for s in STATUSES}, "pending": pending,
+                        "gold_pairs": pairs, "gold_agree": agree,
+                        "gold_agreement": agree / pairs if pairs else None})
+        return out
+
+
+class _Transaction:
+    """`with _Transaction(db) as db:` BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
+    IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a read."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE / COMMIT), never implicit
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
+    db.execute("PRAGMA busy_timeout = 60000")
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise UserError(f"{path}: SQLite cannot use WAL mode here (got {mode}); put the run on a local disk")
+    db.execute("PRAGMA synchronous = FULL")  # an acknowledged label survives a crash, not only a kill
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+_ITEM_COLUMNS = "id, annotator, prompt_index, prompt, responses, finished, gold, model, source"
+
+
+def _item(row) -> Item:
+    id_, annotator, prompt_index, prompt, responses, finished, gold, model, source = row
+    return Item(json.loads(prompt), json.loads(responses), json.loads(finished),
+                None if gold is None else json.loads(gold), prompt_index, id_, model, source, annotator)
+
+
+def _dump(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# --- readers for the stages ----------------------------------------------------------------------
+
+
+def _open_existing(db_path: str | Path) -> sqlite3.Connection:
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise UserError(f"{path}: no feedback database here (expected RUN/{FILENAME}, written by `gptstack serve`)")
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, timeout=60)
+        db.execute("PRAGMA busy_timeout = 60000")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path}: not a SQLite database ({e}); expected the {FILENAME} "
+                        "`gptstack serve` writes") from None
+    if not {"items", "labels"} <= tables:
+        raise UserError(f"{path}: tables {', '.join(sorted(tables)) or '(none)'}: expected the items and labels "
+                        f"tables of a {FILENAME} written by `gptstack serve`")
+    return db
+
+
+def read_feedback(db_path: str | Path) -> tuple[list[dict], dict]:
+    """The standing rankings of RUN/feedback.sqlite (or RUN) as ranking rows, oldest first:
+    {"prompt": [messages ending with the user turn], "responses": [...], "ranking": [best first]},
+    the shape `data.formats.read_dataset` gives ranking files. Labels marked all bad or skipped,
+    and undone labels, are left out and counted: counts = {"ranked", "all_bad", "skipped", "undone"}."""
+    db = _open_existing(db_path)
+    try:
+        rows = [{"prompt": json.loads(p), "responses": json.loads(r), "ranking": json.loads(k)}
+                for p, r, k in db.execute("SELECT prompt, responses, ranking FROM labels WHERE undone IS NULL "
+                                          "AND status = 'ranked' ORDER BY id")]
+        counts = {s: 0 for s in STATUSES}
+        counts.update(dict(db.execute("SELECT status, COUNT(*) FROM labels WHERE undone IS NULL GROUP BY status")))
+        counts["undone"] = db.execute("SELECT COUNT(*) FROM labels WHERE undone IS NOT NULL").fetchone()[0]
+    finally:
+        db.close()
+    return rows, counts
+
+
+def export_prefs(run_dir: str | Path, out_path: str | Path, kwise: bool = False) -> int:
+    """Write RUN/feedback.sqlite's rankings as JSONL, atomically; returns the rows written.
+
+    kwise=False: TRL conversational preference rows, every pair a ranking implies (K(K-1)/2 per
+    label, InstructGPT-style): {"prompt": messages, "chosen": [assistant msg], "rejected": [assistant msg]}.
+    kwise=True: one ranking row per label: {"prompt", "responses", "ranking"}.
+    Both are what `gptstack rm --prefs FILE` and `gptstack dpo --prefs FILE` read."""
+    from ..world import ranking_to_pairs
+
+    rows, _ = read_feedback(run_dir)
+    lines = []
+    for row in rows:
+        if kwise:
+            lines.append(row)
+            continue
+        for better, worse in ranking_to_pairs(row["ranking"]):
+            lines.append({"prompt": row["prompt"],
+                          "chosen": [{"role": "assistant", "content": row["responses"][better]}],
+                          "rejected": [{"role": "assistant", "content": row["responses"][worse]}]})
+    atomic_write_text(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    return len(lines)
