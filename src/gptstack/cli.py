@@ -199,6 +199,22 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prm(args: argparse.Namespace) -> int:
+    from .stages import prm
+
+    prm.run(_config(args), args.source, args.out, data=args.data, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .stages import search
+
+    overrides = {"search": {"n": args.n}} if args.n else None
+    search.run(_config(args, overrides), args.policy, args.prm, args.out, orm_dir=args.orm, rm_dir=args.rm,
+               data=args.data, fresh=args.fresh)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -472,6 +488,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_args(dpo_p)
     dpo_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     dpo_p.set_defaults(handler=cmd_dpo)
+
+    prm_p = commands.add_parser(
+        "prm", help="train a process reward model (and an outcome RM on the same samples)", formatter_class=fmt,
+        description="Sample the SFT policy on training prompts, label every step (line) with the world's step "
+                    "checker or by Monte-Carlo rollouts (Math-Shepherd), and train a PRM (one score per step) and "
+                    "an ORM (final correctness only) on the same responses and budget. Writes RUN/prm, RUN/prm/orm "
+                    "and RUN/prm/steps.jsonl (TRL stepwise format).")
+    prm_p.add_argument("--from", dest="source", required=True, metavar="RUN/sft",
+                       help="the policy to sample from (its trunk starts both models)")
+    prm_p.add_argument("--data", default=None, metavar="FILE|world",
+                       help="TRL stepwise rows (prompt, completions, labels) to train on as they are, or prompts with "
+                            "answers (GSM8K, prompt+answer) to sample and label by rollouts; default: world prompts")
+    add_stage_args(prm_p)
+    prm_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    prm_p.set_defaults(handler=cmd_prm)
+
+    search_p = commands.add_parser(
+        "search", help="best-of-N by PRM, ORM, RM and majority vote; PRM-guided step search", formatter_class=fmt,
+        description="On held-out prompts (the world's multi-step arithmetic by default): best-of-N selected by the "
+                    "PRM (min or product of step scores), the ORM, the preference RM and majority vote for each N, "
+                    "and a PRM-guided step-level beam search at the same generated-token budget. Writes "
+                    "RUN/search/summary.json (accuracy and tokens per method and N) and picks.jsonl.")
+    search_p.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to sample from")
+    search_p.add_argument("--prm", required=True, metavar="RUN/prm", help="the process reward model")
+    search_p.add_argument("--orm", default=None, metavar="RUN/prm",
+                          help="the outcome reward model (RUN/prm finds RUN/prm/orm; default: beside --prm)")
+    search_p.add_argument("--rm", default=None, metavar="RUN/rm|none",
+                          help="the preference reward model (default: RUN/rm beside the policy); none: leave rm out")
+    search_p.add_argument("--data", default=None, metavar="FILE|world",
+                          help="prompts with answers (GSM8K, prompt+answer) instead of the world's held-out set")
+    search_p.add_argument("--n", default=None, metavar="N,N,...", help="the N values (default: search.n)")
+    add_stage_args(search_p)
+    search_p.set_defaults(handler=cmd_search)
 
     ev = commands.add_parser("eval", help="the evaluation protocol on a stage's model", formatter_class=fmt,
                              description="Greedy accuracy (per family, 95% interval), gold reward, format rate, "

@@ -146,6 +146,47 @@ class BonConfig:
 
 
 @dataclass
+class PRMConfig(TrainConfig):
+    """Process and outcome reward models (stages/prm.py): step data sampled from the policy, then the
+    training fields of TrainConfig, shared by the PRM and the ORM (same samples, same budget)."""
+
+    prompts: int = field(default=2000, metadata={"help": "training prompts the policy answers (world, or the first N of a --data file)"})
+    samples: int = field(default=4, metadata={"help": "responses sampled per prompt"})
+    families: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={"help": "world families of the training prompts"})
+    labels: str = field(default="auto", metadata={"help": "step labels: checker (the world's step checker), mc (Monte-Carlo rollouts, Math-Shepherd) or auto (checker for the world, mc for files with answers)"})
+    mc_rollouts: int = field(default=4, metadata={"help": "mc labels: rollouts from each step prefix"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of responses and rollouts"})
+    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
+    gen_batch_size: int = field(default=128, metadata={"help": "prompts per generation batch"})
+    score_batch_size: int = field(default=128, metadata={"help": "sequences per scoring batch (held-out evaluation)"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "fraction of prompts held out (split by a hash of the prompt)"})
+    batch_size: int = field(default=32, metadata={"help": "responses per micro-batch per process"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps (each model)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
+    seed: int = field(default=11, metadata={"help": "seed of the prompts, samples, rollouts and batches"})
+
+
+@dataclass
+class SearchConfig:
+    """Best-of-N selection and PRM-guided step-level search (stages/search.py) on held-out prompts."""
+
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"help": "the N values (comma-separated on --set); every N divides the largest"})
+    families: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={"help": "world eval-set families to measure on (the held-out set, as the eval protocol has it)"})
+    prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0 = all; for smoke tests)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
+    aggregate: str = field(default="min", metadata={"help": "PRM score of a response from its steps': min or product"})
+    expand: int = field(default=4, metadata={"help": "prm_search: children sampled per kept beam per step (N // expand beams are kept)"})
+    step_tokens: int = field(default=16, metadata={"help": "prm_search: token limit of one step (a longer step continues in the next round)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch (each decodes max(n) rows)"})
+    score_batch_size: int = field(default=256, metadata={"help": "sequences per scoring batch"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+
+
+@dataclass
 class Config:
     name: str = field(default="tiny", metadata={"help": "recipe name"})
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -160,6 +201,8 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     bon: BonConfig = field(default_factory=BonConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ the first row and every row is then held to it:
   verifiable  gsm8k           question + answer ("... #### 72")          {"prompt", "answer", "solution"}
   verifiable  trl             prompt + answer                            {"prompt", "answer"}
   ranking     ranking         prompt + responses + ranking (best first)  {"prompt", "responses", "ranking"}
+  stepwise    trl             prompt + completions (steps) + labels      {"prompt", "completions", "labels", "outcome", "ended"}
 
 "prompt" in a normalised row is always a list of messages ending with the user's turn, and
 "chosen"/"rejected" are the assistant's reply text, so stages never care where data came from.
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from ..common import UserError, read_bytes_file
 
-KINDS = ("text", "sft", "prompt", "preference", "verifiable", "ranking")
+KINDS = ("text", "sft", "prompt", "preference", "verifiable", "ranking", "stepwise")
 ROLES = ("system", "user", "assistant")
 BAD_ROW = "bad row"
 MAX_ERRORS_IN_MESSAGE = 100
@@ -531,12 +532,45 @@ def _row_ranking(row: dict) -> list[dict]:
     return [{"prompt": prompt, "responses": [x.strip() for x in responses], "ranking": list(ranking), **extras}]
 
 
+def _unit(v, key: str) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, (int, float)) or not 0 <= v <= 1:  # NaN fails the comparison too
+        raise _Bad(key, f"expected a boolean, 0/1 or a number in [0, 1], got {json.dumps(v)[:40]}")
+    return float(v)
+
+
+def _row_stepwise(row: dict) -> list[dict]:
+    """TRL's stepwise (process supervision) format: one label per reasoning step. Labels may be
+    booleans (checker or human labels) or fractions (Monte-Carlo estimates, Math-Shepherd's soft
+    labels). Optional extras, as `gptstack prm` writes them: `outcome` (the final answer's
+    correctness; default the last step's label) and `ended` (the response ended; default true)."""
+    steps, labels = row.get("completions"), row.get("labels")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise _Bad("completions", f"expected a non-empty list of step strings, got {_type(steps)}")
+    if not isinstance(labels, list):
+        raise _Bad("labels", f"expected a list of {len(steps)} labels (one per step), got {_type(labels)}")
+    if len(labels) != len(steps):
+        raise _Bad("labels", f"expected {len(steps)} labels (one per step of completions), got {len(labels)}")
+    labels = [_unit(v, f"labels[{i}]") for i, v in enumerate(labels)]
+    outcome = _unit(row["outcome"], "outcome") if "outcome" in row else labels[-1]
+    ended = row.get("ended", True)
+    if not isinstance(ended, bool):
+        raise _Bad("ended", f"expected a boolean, got {_type(ended)}")
+    prompt = _prompt(_prompt_or_messages(row, "prompt"))
+    if any(not s.strip() for s in steps):
+        raise _Irregular("empty step")
+    return [{"prompt": prompt, "completions": [s.strip() for s in steps], "labels": labels, "outcome": outcome,
+             "ended": ended}]
+
+
 # (name, kind, source, keys that identify it, parser); the first whose keys are all present wins.
 FORMATS = (
     ("ranking", "ranking", "ranking", {"responses", "ranking"}, _row_ranking),
     ("preference", "preference", "trl", {"chosen", "rejected"}, _row_preference),
     ("messages", "sft", "trl", {"messages"}, _row_messages),
     ("prompt-completion", "sft", "trl", {"prompt", "completion"}, _row_prompt_completion),
+    ("stepwise", "stepwise", "trl", {"prompt", "completions", "labels"}, _row_stepwise),
     ("gsm8k", "verifiable", "gsm8k", {"question", "answer"}, _row_gsm8k),
     ("self-instruct", "sft", "self-instruct", {"instruction", "instances"}, _row_self_instruct),
     ("alpaca", "sft", "alpaca", {"instruction", "output"}, _row_alpaca),

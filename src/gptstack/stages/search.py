@@ -1,0 +1,432 @@
+"""Best-of-N by process RM, outcome RM, preference RM and majority vote, and PRM-guided step search.
+
+    gptstack search --policy runs/tiny/sft --prm runs/tiny/prm --orm runs/tiny/prm --rm runs/tiny/rm --out runs/tiny
+    gptstack search --policy RUN/sft --prm RUN/prm --rm none --out RUN        # no preference RM: rm is null
+    gptstack search --policy RUN/sft --prm RUN/prm --rm RUN/rm --data test.jsonl --out RUN   # GSM8K / prompt+answer
+
+The prompts are the world's fixed held-out eval set, the families in `search.families` (default the
+multi-step arithmetic family), or a file of prompts with answers. For each prompt the policy samples
+max(N) responses at T = `search.temperature`; for each N the samples are cut into max(N) / N
+disjoint groups of N, and each method picks one response per group:
+  prm         the highest PRM score: its steps' probabilities of being right, aggregated by min
+              (`search.aggregate`; the other aggregation is reported under `prm_aggregation`)
+  orm         the highest ORM score (the outcome RM trained on the same samples as the PRM)
+  rm          the highest preference-RM score (`--rm RUN/rm`, made by `gptstack rm`)
+  majority    the most common final answer (ties: the one that came first; no answer, no vote)
+`accuracy[method][N]` is the fraction of right picks, averaged over groups and prompts (every sample
+is used once, so N = 1 is the policy's plain accuracy at T); `tokens[method][N]` is the mean number
+of tokens generated per prompt: those of the N samples.
+
+prm_search is a step-level beam search guided by the PRM at the same generated-token budget: each
+prompt gets the tokens best-of-N spent on it at that N (the mean over its groups). A round gives
+each of the N // expand kept beams `expand` children of one step (sampled up to a newline or
+<|assistant_end|>, at most `step_tokens` tokens), scores every child by the PRM over its complete
+steps, sets finished ones aside and keeps the best unfinished ones. A beam that can no longer beat
+the best finished one (the min and the product only fall as steps are added) is pruned. Each
+round is planned so that children x their token cap fit the remaining budget (`plan_round`), so the
+search can never exceed it; `tokens["prm_search"]` is what it actually generated. The answer is
+the finished beam with the best score.
+
+Writes RUN/search/summary.json (the keys above, plus `oracle` = pass@N, `accuracy_ci95`, paired
+win/loss counts between methods) and picks.jsonl (every method's pick at the largest N, to read).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import world
+from ..common import UserError, atomic_write_json, atomic_write_text
+from ..config import Config
+from ..data.formats import check_answer, extract_final_answer, read_dataset
+from ..engine import generate
+from ..eval.protocol import wilson_interval
+from ..model.heads import load_scalar_model, scalar_kind
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage
+from ..world.gold import _canonical
+from .prm import AGGREGATIONS, aggregate, head_logits, render_response
+
+STAGE = "search"
+METHODS = ("prm", "orm", "rm", "majority", "prm_search")
+
+
+@dataclass
+class Problem:
+    prompt: str
+    prompt_ids: list[int]
+    is_right: Callable[[str], bool]
+    answer_key: Callable[[str], object]   # the final answer, normalised (majority vote); None: no answer
+
+
+def world_problems(tok: Tokenizer, cfg: Config) -> list[Problem]:
+    """The held-out eval set of the chosen families, exactly as the eval protocol has it."""
+    tasks = [t for t in world.eval_set(cfg.world) if t.family in cfg.search.families]
+    return [Problem(t.prompt, tok.render_prompt([{"role": "user", "content": t.prompt}]),
+                    lambda text, t=t: world.is_correct(t, text),
+                    lambda text, t=t: _canonical(t.answer_kind, world.extract_answer(text)))
+            for t in tasks]
+
+
+def _numeric_key(text: str):
+    got = extract_final_answer(text)
+    if got is None:
+        return None
+    try:
+        return float(got)
+    except ValueError:
+        return got.strip().lower()
+
+
+def file_problems(tok: Tokenizer, rows: list[dict]) -> list[Problem]:
+    """Prompts with answers (GSM8K, prompt + answer), checked like GSM8K (`check_answer`)."""
+    return [Problem(r["prompt"][-1]["content"], tok.render_prompt(r["prompt"]),
+                    lambda text, a=r["answer"]: check_answer(text, a), _numeric_key) for r in rows]
+
+
+def newline_ids(tok: Tokenizer) -> list[int]:
+    """Every token whose text contains a newline: where a step ends."""
+    return [i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)]
+
+
+def resolve_scalar(path: str | Path, kind: str) -> Path:
+    """A stage holding a `kind` model: the path itself, or its `kind` subfolder (`--orm RUN/prm`
+    finds the ORM that `gptstack prm` writes to RUN/prm/orm)."""
+    p = Path(path)
+    if scalar_kind(p) != kind and scalar_kind(p / kind) == kind:
+        return p / kind
+    return p
+
+
+# --- best-of-N from fixed samples -----------------------------------------------------------------
+
+
+def groups(n: int, samples: int) -> list[slice]:
+    """The disjoint groups of N samples that best-of-N at N uses."""
+    return [slice(g * n, (g + 1) * n) for g in range(samples // n)]
+
+
+def best_of_n(scores: np.ndarray, correct: np.ndarray, n: int) -> np.ndarray:
+    """(P, S) scores and correctness -> (P, G): is the highest-scored sample of each group right
+    (ties: the first)."""
+    return np.stack([correct[np.arange(len(scores)), g.start + scores[:, g].argmax(axis=1)]
+                     for g in groups(n, scores.shape[1])], axis=1)
+
+
+def vote(keys: list) -> int | None:
+    """Index of a sample holding the most common final answer (None: no answer votes); a tie goes
+    to the answer that came first."""
+    votes = Counter(k for k in keys if k is not None)
+    if not votes:
+        return None
+    top = max(votes.values())
+    return next(i for i, k in enumerate(keys) if k is not None and votes[k] == top)
+
+
+def majority_vote(keys: list[list], correct: np.ndarray, n: int) -> np.ndarray:
+    """(P, S) final answers (None: none) -> (P, G): is each group's most common answer right
+    (a group with no answer at all is wrong)."""
+    out = np.zeros((len(keys), correct.shape[1] // n), dtype=bool)
+    for p, row in enumerate(keys):
+        for gi, g in enumerate(groups(n, correct.shape[1])):
+            i = vote(row[g])
+            out[p, gi] = i is not None and correct[p, g.start + i]
+    return out
+
+
+def group_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
+    """(P, S) generated tokens -> (P,): the mean over groups of a group's total, per prompt."""
+    return np.stack([tokens[:, g].sum(axis=1) for g in groups(n, tokens.shape[1])], axis=1).mean(axis=1)
+
+
+# --- PRM-guided step-level beam search ------------------------------------------------------------
+
+
+def plan_round(beams: int, expand: int, remaining: int, step_tokens: int) -> tuple[list[int], int]:
+    """Children per kept beam (best first) this round and the token cap of each, such that
+    children x cap <= remaining: a round can never take the search past its budget. While the
+    budget allows, each beam gets `expand` children of up to `step_tokens` tokens; as it runs out,
+    fewer children (the best beams keep theirs) rather than cut steps; the last few tokens go to
+    one child of the best beam."""
+    if remaining <= 0 or beams <= 0:
+        return [], 0
+    rows = min(beams * expand, remaining // step_tokens)
+    if rows == 0:
+        return [1], remaining
+    return [min(expand, rows - b * expand) for b in range(beams) if rows > b * expand], step_tokens
+
+
+@dataclass
+class Beam:
+    tokens: list[int]       # the response so far, as sampled
+    score: float = 1.0      # PRM aggregate over its complete steps (1 before the first)
+    complete: int = 0       # complete steps scored
+    ended: bool = False
+
+
+def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: list[int], n: int, sc,
+               seed: int = 0, progress: bool = True) -> tuple[list[Beam], list[int]]:
+    """Step-level beam search for every prompt at once -> (chosen beam, tokens generated) per
+    prompt. `budgets[p]`: the most tokens prompt p may generate (see the module docstring)."""
+    end = tok.special(ASSISTANT_END)
+    stops = newline_ids(tok) + [end]
+    expand, width = min(sc.expand, n), max(1, n // sc.expand)
+    ctx = policy.config.block_size
+    active = [[Beam([])] for _ in prompts]
+    finished: list[list[Beam]] = [[] for _ in prompts]
+    # if nothing finishes (the budget ran out first), the answer is the most advanced unfinished beam
+    fallback: list[Beam] = [Beam([]) for _ in prompts]
+    used = [0] * len(prompts)
+
+    def keep_fallback(p: int, beams: list[Beam]) -> None:
+        for b in beams:
+            if (b.complete, b.score, len(b.tokens)) > (fallback[p].complete, fallback[p].score, len(fallback[p].tokens)):
+                fallback[p] = b
+
+    bar = tqdm(desc=f"prm_search N={n}", unit="round", disable=not progress, dynamic_ncols=True, leave=False)
+    for rnd in range(10_000):
+        # --- plan: which beams get how many children, of how many tokens at most -----------------
+        requests = []  # (prompt, beam, children, cap)
+        for p, beams in enumerate(active):
+            counts, cap = plan_round(len(beams), expand, budgets[p] - used[p], sc.step_tokens)
+            for beam, k in zip(beams, counts):
+                room = min(cap, sc.max_new_tokens - len(beam.tokens), ctx + 1 - len(prompts[p]) - len(beam.tokens))
+                if room > 0:
+                    requests.append((p, beam, k, room))
+            keep_fallback(p, beams)
+        if not requests:
+            break
+        # --- expand: one engine call per (cap, children) group --------------------------------
+        children: list[list[tuple[Beam, Beam]]] = [[] for _ in prompts]
+        by_shape: dict[tuple[int, int], list] = {}
+        for req in requests:
+            by_shape.setdefault((req[3], req[2]), []).append(req)
+        for (cap, k), reqs in sorted(by_shape.items()):
+            call_seed = zlib.crc32(f"{seed}/{n}/{rnd}/{cap}/{k}".encode())
+            outs = generate(policy, [prompts[p] + beam.tokens for p, beam, _, _ in reqs], cap, n=k,
+                            temperature=sc.temperature, stop_ids=stops, seed=call_seed)
+            for (p, beam, _, _), samples in zip(reqs, outs):
+                for c in samples:
+                    used[p] += len(c.tokens)
+                    tokens = beam.tokens + c.tokens
+                    children[p].append((beam, Beam(tokens, ended=bool(c.tokens) and c.tokens[-1] == end)))
+        # --- score children that completed a step ---------------------------------------------
+        to_score = []
+        for p, kids in enumerate(children):
+            seen = set()
+            unique = []
+            for parent, child in kids:
+                key = tuple(child.tokens)
+                if key in seen:
+                    continue  # a duplicate adds nothing to the beam (its tokens still count)
+                seen.add(key)
+                text = tok.decode([t for t in child.tokens if t != end])
+                r = render_response(tok, prompts[p], text, child.ended)
+                child.score, child.complete = parent.score, parent.complete
+                if r.complete > parent.complete:
+                    to_score.append((child, r))
+                unique.append(child)
+            children[p] = unique
+        if to_score:
+            logits = head_logits(prm, [r.ids for _, r in to_score], [r.ends[: r.complete] for _, r in to_score],
+                                 sc.score_batch_size)
+            for (child, r), vals in zip(to_score, logits):
+                child.score = aggregate([1 / (1 + math.exp(-v)) for v in vals], sc.aggregate)
+                child.complete = r.complete
+        # --- select: finished aside, the best unfinished kept, hopeless ones pruned -------------
+        for p, kids in enumerate(children):
+            finished[p] += [c for c in kids if c.ended]
+            best_done = max((c.score for c in finished[p]), default=-1.0)
+            alive, dead = [], []
+            for c in kids:  # a child at the length limit or the context's end can grow no further
+                if not c.ended:
+                    full = len(c.tokens) >= sc.max_new_tokens or len(prompts[p]) + len(c.tokens) > ctx
+                    (dead if full else alive).append(c)
+            alive.sort(key=lambda c: -c.score)
+            keep_fallback(p, dead)
+            active[p] = [c for c in alive if c.score > best_done][:width]
+            keep_fallback(p, alive[width:])
+        bar.update(1)
+    bar.close()
+    chosen = []
+    for p in range(len(prompts)):
+        chosen.append(max(finished[p], key=lambda b: b.score) if finished[p] else fallback[p])  # first of equals
+    return chosen, used
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def _score_all(model, tok, prompts, texts, ended, batch_size, per_step: bool) -> list[list[float]]:
+    """Head outputs at each step's end (per_step) or at the last token, for prompt + response rows."""
+    rendered = [render_response(tok, p, t, e) for p, t, e in zip(prompts, texts, ended)]
+    positions = [r.ends for r in rendered] if per_step else [[len(r.ids) - 1] for r in rendered]
+    return head_logits(model, [r.ids for r in rendered], positions, batch_size)
+
+
+def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Path, orm_dir: str | Path | None = None,
+        rm_dir: str | Path | None = None, data: str | None = None, fresh: bool = False) -> dict:
+    t_start = time.perf_counter()
+    sc = cfg.search
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    # --- inputs, all checked before any work -----------------------------------------------------
+    ns = sorted(set(sc.n))
+    if not ns or ns[0] < 1 or any(ns[-1] % n for n in ns):
+        raise UserError(f"search.n: expected positive sizes that each divide the largest, got {sc.n}")
+    if sc.aggregate not in AGGREGATIONS:
+        raise UserError(f"search.aggregate: expected one of {', '.join(AGGREGATIONS)}, got {sc.aggregate!r}")
+    for key in ("expand", "step_tokens", "max_new_tokens", "batch_size", "score_batch_size"):
+        if getattr(sc, key) < 1:
+            raise UserError(f"search.{key}: expected a positive number, got {getattr(sc, key)}")
+    policy_dir, run_dir = Path(policy_dir), Path(out)
+    stage_dir = run_dir / STAGE
+    policy, _, tok = load_stage(policy_dir)
+    policy.eval()
+    if rm_dir is None:
+        rm_dir = policy_dir.parent / "rm"
+        if not (rm_dir / "model.safetensors").exists():
+            raise UserError(f"no preference reward model at {rm_dir}: pass --rm RUN/rm (made by `gptstack rm`), "
+                            "or --rm none to leave the rm method out")
+    verifiers = {}
+    for name, given, kind in (("prm", prm_dir, "prm"), ("orm", orm_dir or prm_dir, "orm"),
+                              ("rm", None if str(rm_dir) == "none" else rm_dir, "reward")):
+        if given is None:
+            continue
+        path = resolve_scalar(given, kind)
+        model, _ = load_scalar_model(path, kind)
+        check_same_tokenizer(policy_dir, given)  # RUN/prm/orm uses RUN/prm's run tokenizer
+        check_vocab(model.config.vocab_size, tok, path)
+        verifiers[name] = model.eval()
+    if data not in (None, "world"):
+        ds = read_dataset(data, expect="verifiable")
+        problems = file_problems(tok, ds.rows)
+    else:
+        bad = [f for f in sc.families if f not in world.FAMILIES]
+        if bad or not sc.families:
+            raise UserError(f"search.families: expected a list of {', '.join(world.FAMILIES)}, got {sc.families!r}")
+        problems = world_problems(tok, cfg)
+    if sc.prompts:
+        problems = problems[: sc.prompts]
+    if not problems:
+        raise UserError(f"{data or 'world'}: no prompts to search on")
+    if fresh and stage_dir.exists():
+        import shutil
+        shutil.rmtree(stage_dir)
+    atomic_write_json(stage_dir / "config.json", cfg.to_dict())
+
+    # --- sample max(N) responses per prompt, score each with every verifier ---------------------
+    S, end = ns[-1], tok.special(ASSISTANT_END)
+    prompts = [pr.prompt_ids for pr in problems]
+    completions = []
+    for c0 in tqdm(range(0, len(prompts), sc.batch_size), desc=f"search: {S} samples", unit="batch", dynamic_ncols=True):
+        completions += generate(policy, prompts[c0 : c0 + sc.batch_size], sc.max_new_tokens, n=S,
+                                temperature=sc.temperature, stop_ids=[end], seed=sc.seed + c0, batch_size=sc.batch_size)
+    flat_p = [p for p in range(len(prompts)) for _ in range(S)]
+    texts = [tok.decode([t for t in c.tokens if t != end]) for cs in completions for c in cs]
+    ended = [c.finished for cs in completions for c in cs]
+    correct = np.array([problems[p].is_right(t) for p, t in zip(flat_p, texts)]).reshape(-1, S)
+    keys = [[problems[p].answer_key(t) for t in texts[p * S : (p + 1) * S]] for p in range(len(prompts))]
+    tokens = np.array([len(c.tokens) for cs in completions for c in cs]).reshape(-1, S)
+    flat_prompts = [prompts[p] for p in flat_p]
+    scores: dict[str, np.ndarray] = {}
+    step_logits = _score_all(verifiers["prm"], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=True)
+    for how in AGGREGATIONS:
+        scores[f"prm_{how}"] = np.array([aggregate([1 / (1 + math.exp(-v)) for v in vals], how)
+                                         for vals in step_logits]).reshape(-1, S)
+    scores["prm"] = scores[f"prm_{sc.aggregate}"]
+    for name in ("orm", "rm"):
+        if name in verifiers:
+            vals = _score_all(verifiers[name], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=False)
+            scores[name] = np.array([v[0] for v in vals]).reshape(-1, S)
+
+    # --- best-of-N tables --------------------------------------------------------------------
+    accuracy: dict[str, dict] = {m: {} for m in METHODS}
+    spent: dict[str, dict] = {m: {} for m in METHODS}
+    picks_right: dict[str, dict[int, np.ndarray]] = {m: {} for m in METHODS}
+    by_aggregation: dict[str, dict] = {how: {} for how in AGGREGATIONS}
+    oracle = {}
+    budgets = {}
+    for n in ns:
+        bon_tokens = group_tokens(tokens, n)
+        budgets[n] = [int(b) for b in bon_tokens]
+        for m in ("prm", "orm", "rm", "majority"):
+            if m == "majority":
+                right = majority_vote(keys, correct, n)
+            elif m in scores:
+                right = best_of_n(scores[m], correct, n)
+            else:
+                accuracy[m][str(n)] = spent[m][str(n)] = None
+                continue
+            picks_right[m][n] = right
+            accuracy[m][str(n)] = float(right.mean())
+            spent[m][str(n)] = float(bon_tokens.mean())
+        for how in AGGREGATIONS:
+            by_aggregation[how][str(n)] = float(best_of_n(scores[f"prm_{how}"], correct, n).mean())
+        oracle[str(n)] = float(np.stack([correct[:, g].any(axis=1) for g in groups(n, S)], axis=1).mean())
+
+    # --- PRM-guided search at each N's budget -----------------------------------------------------
+    t_search = time.perf_counter()
+    search_picks = {}
+    for n in ns:
+        chosen, used = prm_search(policy, verifiers["prm"], tok, prompts, budgets[n], n, sc, seed=sc.seed)
+        assert all(u <= b for u, b in zip(used, budgets[n])), "prm_search exceeded its token budget"
+        chosen_texts = [tok.decode([t for t in b.tokens if t != end]) for b in chosen]
+        right = np.array([pr.is_right(t) for pr, t in zip(problems, chosen_texts)])[:, None]
+        picks_right["prm_search"][n] = right
+        accuracy["prm_search"][str(n)] = float(right.mean())
+        spent["prm_search"][str(n)] = float(np.mean(used))
+        search_picks[n] = chosen_texts
+        print(f"search: N={n:>3}  " + "  ".join(
+            f"{m} {accuracy[m][str(n)]:.3f}" if accuracy[m][str(n)] is not None else f"{m} -" for m in METHODS)
+            + f"  (oracle {oracle[str(n)]:.3f}; tokens bon {spent['prm'][str(n)]:.0f}, search {np.mean(used):.0f})")
+    search_seconds = time.perf_counter() - t_search
+
+    # --- summary, picks -------------------------------------------------------------------------
+    P = len(problems)
+    ci = {m: {k: (wilson_interval(round(v * P), P) if v is not None else None) for k, v in accuracy[m].items()}
+          for m in METHODS}
+    paired = {}
+    for a, b in (("prm", "orm"), ("orm", "majority"), ("prm", "majority"), ("prm", "rm"), ("prm_search", "prm")):
+        paired[f"{a}_vs_{b}"] = {}
+        for n in ns:
+            if n in picks_right[a] and n in picks_right[b]:
+                ra, rb = picks_right[a][n], picks_right[b][n]
+                if ra.shape != rb.shape:  # the search picks once per prompt: compare with the first group
+                    ra, rb = ra[:, :1], rb[:, :1]
+                paired[f"{a}_vs_{b}"][str(n)] = [int((ra & ~rb).sum()), int((~ra & rb).sum())]
+    summary = {
+        "accuracy": accuracy, "tokens": spent, "accuracy_ci95": ci, "oracle": oracle,
+        "prm_aggregation": by_aggregation, "aggregate": sc.aggregate, "paired": paired,
+        "prm_search/budget": {str(n): float(np.mean(budgets[n])) for n in ns},
+        "n_prompts": P, "samples_per_prompt": S, "families": list(sc.families) if data in (None, "world") else [],
+        "search/wall_seconds": search_seconds, "wall_seconds": time.perf_counter() - t_start,
+    }
+    picks = []
+    for p, pr in enumerate(problems):
+        g = slice(0, S)
+        row = {"prompt": pr.prompt}
+        for m in ("prm", "orm", "rm"):
+            if m in scores:
+                i = int(scores[m][p, g].argmax())
+                row[m] = {"response": texts[p * S + i], "correct": bool(correct[p, i]), "score": float(scores[m][p, i])}
+        i = vote(keys[p])
+        row["majority"] = {"answer": None if i is None else str(keys[p][i]), "correct": bool(picks_right["majority"][S][p, 0])}
+        row["prm_search"] = {"response": search_picks[S][p], "correct": bool(picks_right["prm_search"][S][p, 0])}
+        row["samples_correct"] = int(correct[p].sum())
+        picks.append(row)
+    atomic_write_text(stage_dir / "picks.jsonl", "".join(json.dumps(r) + "\n" for r in picks))
+    atomic_write_json(stage_dir / "summary.json", summary)
+    print(f"search: wrote {stage_dir} ({P} prompts x {S} samples; {summary['wall_seconds']:.0f} s, "
+          f"search {search_seconds:.0f} s)")
+    return summary
