@@ -24,6 +24,7 @@ A side that cannot run (a gptstack command not written yet) is reported and its 
 
 Run: python bench/bench_rl.py [--rounds 3] [--updates 8] [--warmup 2] [--algos ppo,grpo] [--threads N]
      python bench/bench_rl.py --setup-only      # create the TRL venvs (timed) and the fixture, no timing
+     python bench/bench_rl.py --phases          # where an update's time goes, per phase, both sides
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def trl_venv(version: str) -> Path:
     py = venv / "bin/python"
     probe = "import torch, trl; print(torch.__version__, trl.__version__)"
     if py.exists():
-        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=False)
         if out.returncode == 0 and out.stdout.split() == [torch.__version__, version]:
             print(f"trl {version}: reusing {venv.relative_to(ROOT)}", flush=True)
             return venv
@@ -82,7 +83,7 @@ def trl_venv(version: str) -> Path:
     print(f"trl {version}: creating {venv.relative_to(ROOT)} ...", flush=True)
 
     def pip(*a: str) -> None:
-        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *a], capture_output=True, text=True)
+        proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *a], capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"pip install {' '.join(a)} failed:\n{proc.stderr[-3000:]}")
 
@@ -172,40 +173,82 @@ def build_fixture(work: Path, seed: int, n_prompts: int = 512) -> None:
 # --- one timed run of each side ---------------------------------------------------------------------------
 
 
-def run_trl(algo: str, venv: Path, fixture: Path, n: int, threads: int) -> list[float]:
+def run_trl(algo: str, venv: Path, fixture: Path, n: int, threads: int, phases: bool = False) -> dict:
+    """-> TIMES (+ PHASES with phases=True) of one TRL process."""
     cmd = [str(venv / "bin/python"), str(HERE / "trl_rl.py"), algo, str(fixture), "--updates", str(n),
            "--threads", str(threads), "--batch", str(SAMPLES["ppo"]), "--epochs", str(PPO_EPOCHS),
-           "--generations", str(SAMPLES["grpo"]), "--new-tokens", str(NEW_TOKENS)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TIMES ")]
-    if proc.returncode or not lines:
+           "--generations", str(SAMPLES["grpo"]), "--new-tokens", str(NEW_TOKENS)] + (["--phases"] if phases else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in proc.stdout.splitlines()
+             if ln.startswith(("TIMES ", "PHASES "))}
+    if proc.returncode or "TIMES" not in found:
         raise RuntimeError(f"TRL {algo} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][6:])["update_s"]
+    return found
 
 
 def gptstack_available(algo: str) -> str | None:
     """None when `gptstack <algo>` exists, else why not."""
-    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", algo, "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", algo, "--help"], capture_output=True, text=True, check=False)
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def run_gptstack(algo: str, base_run: Path, work: Path, n: int, threads: int, extra: list[str]) -> list[float]:
+def gptstack_args(algo: str, base_run: Path, work: Path, n: int, threads: int, extra: list[str]) -> tuple[list[str], Path]:
+    """A fresh copy of the run directory and the CLI arguments of `gptstack <algo>` on it."""
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(base_run, run)
     stage_sets = {**COMMON_SETS, **GPTSTACK_SETS[algo], "updates": n, "threads": threads}
     sets = {**{f"{algo}.{k}": v for k, v in stage_sets.items()}, **EVAL_SETS}
     inputs = ["--policy", str(run / "sft")] + (["--rm", str(run / "rm")] if algo == "ppo" else ["--reward", "gold"])
-    cmd = [sys.executable, "-m", "gptstack.cli", algo, *inputs, "--out", str(run), "--fresh",
-           *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")], *[x for s in extra for x in ("--set", s)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"gptstack {algo} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return [algo, *inputs, "--out", str(run), "--fresh", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")],
+            *[x for s in extra for x in ("--set", s)]], run
+
+
+def update_times(algo: str, run: Path, n: int) -> list[float]:
     rows = [json.loads(ln) for ln in (run / algo / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     times = [r["time/update_s"] for r in rows if "time/update_s" in r]
     if len(times) != n:
         raise RuntimeError(f"gptstack {algo}: expected {n} rows with time/update_s in metrics.jsonl, got {len(times)}")
     return times
+
+
+def run_gptstack(algo: str, base_run: Path, work: Path, n: int, threads: int, extra: list[str]) -> list[float]:
+    argv, run = gptstack_args(algo, base_run, work, n, threads, extra)
+    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", *argv], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"gptstack {algo} failed (exit {proc.returncode}): {' '.join(argv)}\n{proc.stderr[-4000:]}")
+    return update_times(algo, run, n)
+
+
+def gptstack_phases(algo: str, base_run: Path, work: Path, n: int, threads: int, extra: list[str]) -> dict:
+    """One gptstack run in this process with trl_rl.Phases around the stage's work functions."""
+    from trl_rl import Phases
+
+    import gptstack.stages.ppo as stage
+    from gptstack import cli
+
+    phases = Phases()
+    phases.wrap(stage, "rollout", "generate")
+    phases.wrap(stage, "token_logprobs", phases.forward_label)
+    phases.wrap(stage, "token_values", phases.forward_label)
+    phases.wrap(stage.Rewarder, "__call__",
+                lambda self, *a, **k: "forwards, scoring (no grad)" if self.kind == "rm" else "reward function")
+    phases.install_common()
+    argv, run = gptstack_args(algo, base_run, work, n, threads, extra)
+    if cli.main(argv):
+        raise RuntimeError(f"gptstack {algo} failed: {' '.join(argv)}")
+    return {"total": sum(update_times(algo, run, n)), **phases.seconds}
+
+
+def show_phases(algo: str, venv: Path, work: Path, n: int, threads: int, extra: list[str]) -> None:
+    """Where an update's time goes, both sides (one run each, all n updates, the first included)."""
+    trl = run_trl(algo, venv, work / "fixture", n, threads, phases=True)["PHASES"]
+    ours = gptstack_phases(algo, work / "run", work / f"gptstack-{algo}", n, threads, extra)
+    print(f"\n{algo}: ms per update (mean of {n}, {threads} threads)    TRL {TRL_FOR[algo]:>8s}   gptstack")
+    for side in (trl, ours):
+        side["other (Python, logging, GAE, ...)"] = side["total"] - sum(v for k, v in side.items() if k != "total")
+    for phase in [k for k in dict.fromkeys([*trl, *ours]) if k != "total"] + ["total"]:
+        print(f"  {phase:36s} {trl.get(phase, 0) / n * 1e3:10.0f} {ours.get(phase, 0) / n * 1e3:10.0f}")
 
 
 # --- main -------------------------------------------------------------------------------------------------
@@ -221,6 +264,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="extra --set for the gptstack side (experiments)")
     ap.add_argument("--setup-only", action="store_true", help="create the venvs and the fixture, then stop")
+    ap.add_argument("--phases", action="store_true", help="instead of the timing rounds: one run per side with "
+                    "the time of each phase of an update (generation, scoring forwards, training, ...)")
     args = ap.parse_args()
     algos = [a for a in args.algos.split(",") if a]
     if not set(algos) <= set(SAMPLES):
@@ -230,6 +275,10 @@ def main() -> None:
     work = CACHE / "rl"
     build_fixture(work, args.seed)
     if args.setup_only:
+        return
+    if args.phases:
+        for algo in algos:
+            show_phases(algo, venvs[algo], work, args.warmup + args.updates, args.threads, args.set)
         return
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.threads} threads both sides, {os.cpu_count()} cores, load average "
@@ -247,7 +296,7 @@ def main() -> None:
         for r in range(args.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:
                 if side == "trl":
-                    t = run_trl(algo, venvs[algo], work / "fixture", n, args.threads)
+                    t = run_trl(algo, venvs[algo], work / "fixture", n, args.threads)["TIMES"]["update_s"]
                 else:
                     t = run_gptstack(algo, work / "run", work / f"gptstack-{algo}", n, args.threads, args.set)
                 timed = t[args.warmup:]

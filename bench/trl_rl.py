@@ -12,7 +12,9 @@ checkpointing off (it only recomputes activations: its best figure on CPU).
 A callback stamps `time.perf_counter()` at the start of training and at every `on_step_end`; the
 differences are the wall seconds of each update (PPO: rollout + reward/ref/value forwards + all
 epochs + TRL's own `gc.collect()`; GRPO: generation + reward + one optimizer step). Prints one line
-per update and, last, `TIMES {"update_s": [...], ...}` (JSON) for the harness.
+per update and, last, `TIMES {"update_s": [...], ...}` (JSON) for the harness. With `--phases`,
+`Phases` (also used by bench_rl.py on the gptstack side) splits that time into generation,
+no-grad scoring forwards, training forwards, backward, optimizer, reward function and gc.
 
 Run (bench_rl.py does this): bench/.cache/venv-trl-1.12.0/bin/python bench/trl_rl.py ppo FIXTURE --updates 10
 """
@@ -25,9 +27,50 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+
+class Phases:
+    """Wall seconds per phase of an update, from wrappers around the functions that do the work.
+    A call inside an already-timed call counts in the outer phase only."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._active = False
+
+    def wrap(self, owner, name: str, label) -> None:
+        """Time owner.name; `label` is a phase name or a function of the call's arguments."""
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            if self._active:
+                return fn(*a, **k)
+            phase = label(*a, **k) if callable(label) else label
+            self._active, t0 = True, time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+                self._active = False
+
+        setattr(owner, name, timed)
+
+    def forward_label(self, *_, **__) -> str:
+        return "forward, training (grad)" if torch.is_grad_enabled() else "forwards, scoring (no grad)"
+
+    def install_common(self) -> None:
+        """backward and optimizer steps, wherever they are called from."""
+        import torch.optim.optimizer as optim
+
+        self.wrap(torch.Tensor, "backward", "backward")
+        start = {}
+        optim.register_optimizer_step_pre_hook(lambda *a: start.__setitem__(0, time.perf_counter()))
+        optim.register_optimizer_step_post_hook(
+            lambda *a: self.seconds.__setitem__("optimizer step", self.seconds["optimizer step"]
+                                                + time.perf_counter() - start[0]))
 
 
 def main() -> None:
@@ -41,6 +84,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8, help="GRPO: completions per step (one prompt)")
     ap.add_argument("--new-tokens", type=int, default=64, help="response length (min = max)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phases", action="store_true", help="also time the phases of the updates (PHASES line)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,8 +94,12 @@ def main() -> None:
     import datasets
     import transformers
     import trl
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bar()
@@ -88,6 +136,7 @@ def main() -> None:
     info = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
+    phases = Phases()
     if args.algo == "ppo":
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -125,10 +174,26 @@ def main() -> None:
                               processing_class=tok, callbacks=[stamps])
         samples_per_update = args.generations
 
+    if args.phases:  # installed after setup, so only the updates count
+        if args.algo == "ppo":
+            import gc
+
+            from trl.experimental.ppo import ppo_trainer
+            phases.wrap(ppo_trainer, "batch_generation", "generate")
+            phases.wrap(ppo_trainer, "forward", phases.forward_label)
+            phases.wrap(ppo_trainer, "get_reward", phases.forward_label)  # the reward and value models
+            phases.wrap(gc, "collect", "gc.collect")
+        else:
+            phases.wrap(GRPOTrainer, "_generate_single_turn", "generate")
+            phases.wrap(GRPOTrainer, "_calculate_rewards", "reward function")
+            phases.wrap(GRPOTrainer, "_get_per_token_logps_and_entropies", phases.forward_label)
+        phases.install_common()
     trainer.train()
     times = [b - a for a, b in zip(stamps.t, stamps.t[1:])]
     assert len(times) == args.updates, (len(times), args.updates)
     print("TIMES " + json.dumps({"update_s": times, "samples_per_update": samples_per_update, **info}), flush=True)
+    if args.phases:  # over all updates, the first included
+        print("PHASES " + json.dumps({"total": stamps.t[-1] - stamps.t[0], **phases.seconds}), flush=True)
 
 
 if __name__ == "__main__":
