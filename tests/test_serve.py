@@ -36,8 +36,8 @@ PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 # --- the store -----------------------------------------------------------------------------------
 
 
-def _items(store, annotator, n=4, k=3, gold=None):
-    items = [Item(PROMPT, [f"r{i}-{j}" for j in range(k)], [True] * k, gold, i) for i in range(n)]
+def _items(store, annotator, n=4, k=3, gold=None, finished=None):
+    items = [Item(PROMPT, [f"r{i}-{j}" for j in range(k)], finished or [True] * k, gold, i) for i in range(n)]
     return store.add_items(annotator, items, model="sft", source="world")
 
 
@@ -55,9 +55,11 @@ def test_store_labels_undo_and_read_feedback(tmp_path):
     assert store.next_item("ana").id == d.id
     store.label(d.id, "ana", "ranked", [0, 2, 1])
     rows, counts = read_feedback(tmp_path / "feedback.sqlite")
-    assert rows == [{"prompt": PROMPT, "responses": ["r0-0", "r0-1", "r0-2"], "ranking": [2, 0, 1]},
-                    {"prompt": PROMPT, "responses": ["r3-0", "r3-1", "r3-2"], "ranking": [0, 2, 1]}]
-    assert counts == {"ranked": 2, "all_bad": 1, "skipped": 1, "undone": 1}
+    ended = [True] * 3
+    assert rows == [{"prompt": PROMPT, "responses": ["r0-0", "r0-1", "r0-2"], "ranking": [2, 0, 1], "ended": ended},
+                    {"prompt": PROMPT, "responses": ["r3-0", "r3-1", "r3-2"], "ranking": [0, 2, 1], "ended": ended}]
+    assert counts == {"data/rows": 5, "data/usable": 2, "data/skipped": 3, "data/skipped/all_bad": 1,
+                      "data/skipped/skipped": 1, "data/skipped/undone": 1}
     assert read_feedback(tmp_path) == (rows, counts)  # the run directory works too
     db = sqlite3.connect(tmp_path / "feedback.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -83,7 +85,7 @@ def test_store_refuses_labels_that_do_not_fit(tmp_path):
     store.label(a.id, "ana", "ranked", [0, 1, 2], responses=["r0-0", "r0-1", "r0-2"])
     with pytest.raises(Conflict, match="already labeled"):
         store.label(a.id, "ana", "ranked", [2, 1, 0])
-    assert read_feedback(tmp_path)[1] == {"ranked": 1, "all_bad": 0, "skipped": 0, "undone": 0}
+    assert read_feedback(tmp_path)[1]["data/usable"] == 1 and read_feedback(tmp_path)[1]["data/skipped"] == 0
 
 
 def test_gold_agreement_counts_pairs_whose_gold_differs():
@@ -110,7 +112,7 @@ def test_stats_report_progress_and_agreement_with_gold(tmp_path):
 
 def test_export_prefs_writes_every_pair_and_kwise_rows_that_read_back(tmp_path):
     store = FeedbackStore(tmp_path / "feedback.sqlite")
-    a, b, c = _items(store, "ana", n=3)
+    a, b, c = _items(store, "ana", n=3, gold=[0.9, 0.1, 0.5], finished=[True, False, True])
     store.label(a.id, "ana", "ranked", [2, 0, 1])
     store.label(b.id, "ana", "skipped")
     store.label(c.id, "ana", "ranked", [1, 0, 2])
@@ -124,6 +126,7 @@ def test_export_prefs_writes_every_pair_and_kwise_rows_that_read_back(tmp_path):
     assert export_prefs(tmp_path, kwise, kwise=True) == 2
     ds = read_dataset(kwise, expect="ranking")
     assert ds.rows == read_feedback(tmp_path)[0]
+    assert ds.rows[0]["ended"] == [True, False, True] and ds.rows[0]["gold"] == [0.9, 0.1, 0.5]
 
 
 def test_read_feedback_names_a_missing_or_foreign_file(tmp_path):
@@ -384,7 +387,7 @@ def test_concurrent_clients_lose_and_duplicate_no_label(run_dir, tmp_path):
     ids = sorted(i for v in acknowledged.values() for i in v)
     assert ids == [r[0] for r in db.execute("SELECT id FROM labels ORDER BY id")]
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert read_feedback(run)[1]["ranked"] == 1600
+    assert read_feedback(run)[1]["data/usable"] == 1600
 
 
 def test_kill_9_mid_stream_loses_no_acknowledged_label(run_dir, tmp_path):

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS labels (
     annotator  TEXT NOT NULL,
     prompt     TEXT NOT NULL,          -- JSON, copied from the item: a label row stands alone
     responses  TEXT NOT NULL,          -- JSON
+    finished   TEXT NOT NULL,          -- JSON
     gold       TEXT,                   -- JSON or NULL
     model      TEXT NOT NULL,
     status     TEXT NOT NULL CHECK (status IN ('ranked', 'all_bad', 'skipped')),
@@ -196,9 +197,9 @@ class FeedbackStore:
             if db.execute("SELECT 1 FROM labels WHERE item_id = ? AND undone IS NULL", (item_id,)).fetchone():
                 raise Conflict(f"item {item_id} is already labeled (undo the label to change it)")
             cur = db.execute(
-                "INSERT INTO labels (item_id, annotator, prompt, responses, gold, model, status, ranking, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item_id, annotator, _dump(item.prompt), _dump(item.responses),
+                "INSERT INTO labels (item_id, annotator, prompt, responses, finished, gold, model, status, ranking,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, annotator, _dump(item.prompt), _dump(item.responses), _dump(item.finished),
                  None if item.gold is None else _dump(item.gold), item.model, status,
                  None if ranking is None else _dump(ranking), time.time()))
             return cur.lastrowid
@@ -303,17 +304,28 @@ def _open_existing(db_path: str | Path) -> sqlite3.Connection:
 
 def read_feedback(db_path: str | Path) -> tuple[list[dict], dict]:
     """The standing rankings of RUN/feedback.sqlite (or RUN) as ranking rows, oldest first:
-    {"prompt": [messages ending with the user turn], "responses": [...], "ranking": [best first]},
+    {"prompt": [messages ending with the user turn], "responses": [...], "ranking": [best first],
+    "ended": [per response: the model ended its turn], "gold": [per response] (world prompts only)},
     the shape `data.formats.read_dataset` gives ranking files. Labels marked all bad or skipped,
-    and undone labels, are left out and counted: counts = {"ranked", "all_bad", "skipped", "undone"}."""
+    and undone labels, are left out and counted; counts has the keys `Dataset.summary()` gives a
+    file, so summary.json reads the same either way: data/rows (every label), data/usable (the
+    rows returned), data/skipped and data/skipped/{all_bad, skipped, undone}."""
     db = _open_existing(db_path)
     try:
-        rows = [{"prompt": json.loads(p), "responses": json.loads(r), "ranking": json.loads(k)}
-                for p, r, k in db.execute("SELECT prompt, responses, ranking FROM labels WHERE undone IS NULL "
-                                          "AND status = 'ranked' ORDER BY id")]
-        counts = {s: 0 for s in STATUSES}
-        counts.update(dict(db.execute("SELECT status, COUNT(*) FROM labels WHERE undone IS NULL GROUP BY status")))
-        counts["undone"] = db.execute("SELECT COUNT(*) FROM labels WHERE undone IS NOT NULL").fetchone()[0]
+        rows = []
+        for prompt, responses, ranking, finished, gold in db.execute(
+                "SELECT prompt, responses, ranking, finished, gold FROM labels WHERE undone IS NULL "
+                "AND status = 'ranked' ORDER BY id"):
+            row = {"prompt": json.loads(prompt), "responses": json.loads(responses), "ranking": json.loads(ranking),
+                   "ended": json.loads(finished)}
+            if gold is not None:
+                row["gold"] = json.loads(gold)
+            rows.append(row)
+        standing = dict(db.execute("SELECT status, COUNT(*) FROM labels WHERE undone IS NULL GROUP BY status"))
+        skipped = {"all_bad": standing.get("all_bad", 0), "skipped": standing.get("skipped", 0),
+                   "undone": db.execute("SELECT COUNT(*) FROM labels WHERE undone IS NOT NULL").fetchone()[0]}
+        counts = {"data/rows": len(rows) + sum(skipped.values()), "data/usable": len(rows),
+                  "data/skipped": sum(skipped.values()), **{f"data/skipped/{k}": v for k, v in skipped.items()}}
     finally:
         db.close()
     return rows, counts
@@ -324,7 +336,7 @@ def export_prefs(run_dir: str | Path, out_path: str | Path, kwise: bool = False)
 
     kwise=False: TRL conversational preference rows, every pair a ranking implies (K(K-1)/2 per
     label, InstructGPT-style): {"prompt": messages, "chosen": [assistant msg], "rejected": [assistant msg]}.
-    kwise=True: one ranking row per label: {"prompt", "responses", "ranking"}.
+    kwise=True: one ranking row per label: {"prompt", "responses", "ranking", "ended"[, "gold"]}.
     Both are what `gptstack rm --prefs FILE` and `gptstack dpo --prefs FILE` read."""
     from ..world import ranking_to_pairs
 
