@@ -129,6 +129,22 @@ def test_export_prefs_writes_every_pair_and_kwise_rows_that_read_back(tmp_path):
     assert ds.rows[0]["ended"] == [True, False, True] and ds.rows[0]["gold"] == [0.9, 0.1, 0.5]
 
 
+def test_an_older_store_is_upgraded_and_a_newer_one_refused(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    (a,) = _items(store, "ana", n=1, finished=[True, False, True])
+    store.label(a.id, "ana", "ranked", [1, 0, 2])
+    db = sqlite3.connect(tmp_path / "feedback.sqlite")
+    db.execute("ALTER TABLE labels DROP COLUMN finished")  # the version 1 layout
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    (row,), _ = read_feedback(tmp_path)
+    assert row["ended"] == [True, False, True]
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    with pytest.raises(UserError, match="schema version 99 comes from a newer gptstack"):
+        FeedbackStore(tmp_path / "feedback.sqlite")
+
+
 def test_read_feedback_names_a_missing_or_foreign_file(tmp_path):
     with pytest.raises(UserError, match="no feedback database"):
         read_feedback(tmp_path / "nope.sqlite")

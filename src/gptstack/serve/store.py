@@ -32,7 +32,7 @@ from ..common import UserError, atomic_write_text
 
 FILENAME = "feedback.sqlite"
 STATUSES = ("ranked", "all_bad", "skipped")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: labels.finished (version 1 files are upgraded in place)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -127,8 +127,7 @@ class FeedbackStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        # one transaction, so two servers starting on the same file cannot half-create it
-        self._db().executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+        _create_or_upgrade(self._db(), self.path)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -255,6 +254,23 @@ class _Transaction:
         self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
+def _create_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
+    """Create the tables, or bring an older file up to SCHEMA_VERSION, in one transaction (two
+    servers starting on the same file cannot half-create it)."""
+    with _Transaction(db):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{path}: feedback schema version {version} comes from a newer gptstack "
+                            f"(this one reads up to {SCHEMA_VERSION}); upgrade gptstack")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if version == 1:  # labels gained `finished`, copied from their items
+            db.execute("ALTER TABLE labels ADD COLUMN finished TEXT NOT NULL DEFAULT '[]'")
+            db.execute("UPDATE labels SET finished = (SELECT finished FROM items WHERE items.id = labels.item_id)")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE / COMMIT), never implicit
     db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=60)
@@ -299,6 +315,7 @@ def _open_existing(db_path: str | Path) -> sqlite3.Connection:
     if not {"items", "labels"} <= tables:
         raise UserError(f"{path}: tables {', '.join(sorted(tables)) or '(none)'}: expected the items and labels "
                         f"tables of a {FILENAME} written by `gptstack serve`")
+    _create_or_upgrade(db, path)
     return db
 
 
