@@ -188,7 +188,7 @@ def test_token_guards_every_api_route_but_health(run_dir, cfg):
     c = TestClient(create_app(run_dir, cfg, token="s3cret"), base_url="http://127.0.0.1")
     assert c.get("/api/health").status_code == 200
     assert c.get("/").status_code == 200  # the page holds no data; it asks for the token
-    calls = [("GET", "/api/info", None), ("GET", "/api/label/next?annotator=x", None),
+    calls = [("GET", "/api/info", None), ("POST", "/api/label/next", {"annotator": "x"}),
              ("GET", "/api/label/stats?annotator=x", None), ("GET", "/api/world/prompt", None),
              ("POST", "/api/label", {"item_id": 1, "annotator": "x", "ranking": [0, 1]}),
              ("POST", "/api/label/undo", {"annotator": "x"}),
@@ -212,6 +212,9 @@ def test_defaults_are_safe(client):
     csp = r.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
     assert r.headers["x-content-type-options"] == "nosniff"
+    # a cross-site form can post text/plain, never JSON: such a body is refused
+    r = client.post("/api/label/undo", content='{"annotator": "x"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422
 
 
 def test_page_never_writes_html_from_strings():
@@ -241,7 +244,7 @@ def test_bad_bodies_get_422_naming_the_field(client, path, body, field):
 
 
 def test_label_api_refuses_rankings_that_do_not_match_what_was_shown(client, run_dir):
-    item = client.get("/api/label/next", params={"annotator": "refuse"}).json()
+    item = client.post("/api/label/next", json={"annotator": "refuse"}).json()
     k = len(item["responses"])
     for bad in ([0] * k, list(range(k + 1)), list(range(k - 1)), [k] + list(range(1, k))):
         r = client.post("/api/label", json={"item_id": item["item_id"], "annotator": "refuse", "ranking": bad})
@@ -262,8 +265,8 @@ def test_label_api_refuses_rankings_that_do_not_match_what_was_shown(client, run
 
 
 def test_label_items_are_distinct_samples_with_their_gold(client, run_dir, cfg):
-    first = client.get("/api/label/next", params={"annotator": "gold"}).json()
-    assert client.get("/api/label/next", params={"annotator": "gold"}).json()["item_id"] == first["item_id"]
+    first = client.post("/api/label/next", json={"annotator": "gold"}).json()
+    assert client.post("/api/label/next", json={"annotator": "gold"}).json()["item_id"] == first["item_id"]
     db = sqlite3.connect(run_dir / "feedback.sqlite")
     for item_id, prompt, responses, finished, gold in db.execute(
             "SELECT id, prompt, responses, finished, gold FROM items WHERE annotator = 'gold'"):
@@ -278,11 +281,11 @@ def test_label_items_are_distinct_samples_with_their_gold(client, run_dir, cfg):
     k = len(first["responses"])
     r = client.post("/api/label", json={"item_id": first["item_id"], "annotator": "gold", "ranking": list(range(k))})
     assert r.json()["stats"]["labeled"] == 1
-    second = client.get("/api/label/next", params={"annotator": "gold"}).json()
+    second = client.post("/api/label/next", json={"annotator": "gold"}).json()
     assert second["item_id"] != first["item_id"]
     undone = client.post("/api/label/undo", json={"annotator": "gold"}).json()
     assert undone["undone"]["item_id"] == first["item_id"] and undone["stats"]["labeled"] == 0
-    assert client.get("/api/label/next", params={"annotator": "gold"}).json()["item_id"] == first["item_id"]
+    assert client.post("/api/label/next", json={"annotator": "gold"}).json()["item_id"] == first["item_id"]
     assert client.post("/api/label/undo", json={"annotator": "nobody"}).json()["undone"] is None
 
 
@@ -376,7 +379,7 @@ def test_concurrent_clients_lose_and_duplicate_no_label(run_dir, tmp_path):
         ids = []
         with httpx.Client(base_url=server.url, timeout=60) as http:
             for _ in range(per_client):
-                item = http.get("/api/label/next", params={"annotator": name}).json()
+                item = http.post("/api/label/next", json={"annotator": name}).json()
                 k = len(item["responses"])
                 r = http.post("/api/label", json={"item_id": item["item_id"], "annotator": name,
                                                   "ranking": list(range(k))[::-1], "responses": item["responses"]})
@@ -425,7 +428,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_label(run_dir, tmp_path):
         with httpx.Client(base_url=server.url, timeout=30) as http:
             try:
                 while True:
-                    item = http.get("/api/label/next", params={"annotator": "ana"}).json()
+                    item = http.post("/api/label/next", json={"annotator": "ana"}).json()
                     r = http.post("/api/label", json={"item_id": item["item_id"], "annotator": "ana",
                                                       "ranking": list(range(len(item["responses"])))})
                     assert r.status_code == 200

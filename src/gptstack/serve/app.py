@@ -22,17 +22,19 @@ API (JSON bodies, validated by pydantic: a bad one gets 422 naming the field):
                                        {"text", "finished"} (or "error" {"detail"})
   POST /api/compare                    {prompt, stages: [a, b], sampling} -> per stage text, gold, rm
   GET  /api/world/prompt               a held-out world prompt to compare on
-  GET  /api/label/next?annotator=A     A's next item: prompt + responses (sampled when none waits)
+  POST /api/label/next                 {annotator}: their next item, prompt + responses (sampled when
+                                       none waits; a POST, since it may sample and store)
   POST /api/label                      {item_id, annotator, status, ranking, responses}; a ranking
                                        that is not a permutation of the responses shown gets 422
   POST /api/label/undo                 {annotator}: the last label is undone, its item comes back
   GET  /api/label/stats?annotator=A    progress and agreement with gold
 
 Safe defaults: binds 127.0.0.1; with a loopback bind only Host headers naming the loopback are
-served (a DNS-rebinding page cannot reach the API); with --token every /api/* request but
-/api/health needs `Authorization: Bearer TOKEN` (401 otherwise); every response carries a
-Content-Security-Policy without inline script, and the page writes model text only through
-textContent, so `<script>` in a response is shown, never run.
+served (a DNS-rebinding page cannot reach the API); whatever changes state is a POST with a JSON
+body, which a cross-site page cannot send without a CORS preflight (never granted); with --token
+every /api/* request but /api/health needs `Authorization: Bearer TOKEN` (401 otherwise); every
+response carries a Content-Security-Policy without inline script, and the page writes model text
+only through textContent, so `<script>` in a response is shown, never run.
 
 One model call runs at a time (a lock): on a CPU torch already uses every core, and the label
 store is SQLite in WAL mode (store.py), safe for any number of concurrent requests.
@@ -48,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -113,7 +115,7 @@ class LabelRequest(BaseModel):
     responses: list[str] | None = Field(None, description="the responses as shown (checked against the item)")
 
 
-class UndoRequest(BaseModel):
+class AnnotatorRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     annotator: Annotator
 
@@ -418,8 +420,9 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
 
     # --- label -----------------------------------------------------------------------------------
 
-    @app.get("/api/label/next")
-    def label_next(annotator: Annotated[Annotator, Query()]):
+    @app.post("/api/label/next")
+    def label_next(req: AnnotatorRequest):
+        annotator = req.annotator
         if run.stages.get(run.cfg.serve.stage) != "lm":
             raise Invalid(f"serve.stage {run.cfg.serve.stage!r}: no such language model in {run.dir} to sample "
                           "label responses from; pass --set serve.stage=NAME")
@@ -438,7 +441,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
         return {"label_id": label_id, "stats": stats(run, req.annotator)}
 
     @app.post("/api/label/undo")
-    def undo(req: Annotated[UndoRequest, Body()]):
+    def undo(req: AnnotatorRequest):
         return {"undone": run.store.undo(req.annotator), "stats": stats(run, req.annotator)}
 
     @app.get("/api/label/stats")

@@ -243,7 +243,7 @@ async function loadNext() {
   loading = true;
   setStatus("sampling responses …");
   try {
-    const data = await api("GET", "/api/label/next?annotator=" + encodeURIComponent(name));
+    const data = await api("POST", "/api/label/next", { annotator: name });
     item = data;
     picks = [];
     renderItem();
