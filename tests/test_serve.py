@@ -289,6 +289,28 @@ def test_label_items_are_distinct_samples_with_their_gold(client, run_dir, cfg):
     assert client.post("/api/label/undo", json={"annotator": "nobody"}).json()["undone"] is None
 
 
+def test_label_prompts_from_a_file(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write a haiku.", "What is 2 + 3?")))
+    cfg = build_config("tiny", None, [*SERVE_SETS, f"serve.prompts={prompts}", "serve.batch=2"])
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("feedback.sqlite*", "*.log"))
+    c = TestClient(create_app(run, cfg), base_url="http://127.0.0.1")
+    first = c.post("/api/label/next", json={"annotator": "ana"}).json()
+    assert first["prompt"] == [{"role": "user", "content": "Write a haiku."}] and first["source"] == str(prompts)
+    assert first["world"] is False  # no gold for a prompt outside the world
+    c.post("/api/label", json={"item_id": first["item_id"], "annotator": "ana", "status": "skipped"})
+    second = c.post("/api/label/next", json={"annotator": "ana"}).json()
+    assert second["prompt"][-1]["content"] == "What is 2 + 3?" and second["world"] is True
+
+
+def test_bad_serve_settings_stop_before_serving(run_dir, tmp_path):
+    for sets, message in ((["serve.k=1"], "serve.k: expected at least 2"),
+                          (["serve.top_p=0"], "0 < serve.top_p <= 1"),
+                          ([f"serve.prompts={tmp_path / 'none.jsonl'}"], "none.jsonl: file not found")):
+        with pytest.raises(UserError, match=message):
+            create_app(run_dir, build_config("tiny", None, [*SERVE_SETS, *sets]))
+
+
 def test_chat_streams_exactly_what_the_engine_samples(client, run_dir):
     model, _ = load_model(run_dir / "sft")
     tok = Tokenizer.load(run_dir / "tokenizer")
@@ -356,6 +378,16 @@ def test_compare_reports_gold_and_rm_score_as_computed_directly(client, run_dir)
             assert res["rm"] == pytest.approx(rm.score(torch.tensor([ids]))[0].item(), abs=1e-5)
     other = client.post("/api/compare", json={"prompt": "Tell me a story.", "stages": ["sft"], "max_new_tokens": 5})
     assert other.json()["world"] is False and other.json()["results"][0]["gold"] is None
+
+
+def test_serve_command_takes_the_token_from_the_environment(run_dir, monkeypatch):
+    import gptstack.serve.app as app_module
+
+    seen = {}
+    monkeypatch.setattr(app_module, "serve", lambda run, cfg, host, port, token: seen.update(host=host, token=token))
+    monkeypatch.setenv("GPTSTACK_SERVE_TOKEN", "from-env")
+    assert main(["serve", str(run_dir)]) == 0 and seen == {"host": "127.0.0.1", "token": "from-env"}
+    assert main(["serve", str(run_dir), "--token", "flag"]) == 0 and seen["token"] == "flag"
 
 
 def test_serve_command_refuses_a_run_without_models(tmp_path, capsys):

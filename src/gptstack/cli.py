@@ -292,7 +292,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.app import serve
     except ImportError as e:  # fastapi / uvicorn missing from a partial install
         raise UserError(f"gptstack serve needs FastAPI and uvicorn ({e}); pip install fastapi uvicorn") from None
-    serve(args.run, _config(args), host=args.host, port=args.port, token=args.token)
+    import os
+
+    # the environment keeps the token out of `ps` listings and shell history
+    token = args.token or os.environ.get("GPTSTACK_SERVE_TOKEN") or None
+    serve(args.run, _config(args), host=args.host, port=args.port, token=token)
     return 0
 
 
