@@ -193,8 +193,10 @@ def cmd_bon(args: argparse.Namespace) -> int:
 def cmd_rl(args: argparse.Namespace) -> int:
     from .stages import ppo
 
-    reward = getattr(args, "reward", None) or "rm"
-    ppo.run(_config(args), args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=args.prompts,
+    reward, prompts = getattr(args, "reward", None) or "rm", args.prompts
+    if reward not in ("gold", "rm"):  # grpo --reward FILE: a verifiable file is both the prompts and the answers
+        reward, prompts = "answer", reward
+    ppo.run(_config(args), args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=prompts,
             stage=args.stage, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
     return 0
 
@@ -493,6 +495,38 @@ def build_parser() -> argparse.ArgumentParser:
     dpo_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     dpo_p.set_defaults(handler=cmd_dpo)
 
+    rl_help = {
+        "ppo": ("PPO-RLHF on the reward model (KL penalty, adaptive KL, PPO-ptx)",
+                "InstructGPT's RL stage: rollouts from the SFT policy, reward = RM score at the end minus "
+                "beta x per-token KL to the frozen SFT model, GAE with a critic initialised from the RM, "
+                "clipped PPO updates. The world's gold reward is logged beside the proxy, with a warning "
+                "when the proxy rises while gold falls. Writes RUN/ppo."),
+        "overopt": ("the over-optimization study: PPO run long at low beta",
+                    "PPO at low (default zero) beta, evaluated on held-out prompts every few updates: proxy "
+                    "and gold reward against d = sqrt(KL), the fit gold = d(alpha - beta log d) (Gao et al. "
+                    "2023), summary.json points + fit and overopt.png. Writes RUN/overopt."),
+        "grpo": ("GRPO/RLOO on a verifiable reward (actual RL)",
+                 "G samples per prompt, group-normalised (or leave-one-out) advantages, clipped update, "
+                 "optional KL to the reference; reward: the world's gold reward or, for a GSM8K-format "
+                 "--prompts file, the answer check. Writes RUN/grpo."),
+    }
+    for name, (short, long) in rl_help.items():
+        p_rl = commands.add_parser(name, help=short, description=long, formatter_class=fmt)
+        p_rl.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to start from (and the frozen reference)")
+        p_rl.add_argument("--rm", required=name != "grpo", default=None, metavar="RUN/rm",
+                          help="the reward model (and the critic's initialisation)")
+        if name == "grpo":
+            p_rl.add_argument("--reward", default="gold", metavar="gold|rm|FILE",
+                              help="gold: the world's gold reward; rm: the reward model (--rm); FILE: a "
+                                   "verifiable file (GSM8K question/answer '#### n', or prompt + answer rows) "
+                                   "whose prompts are trained on and whose final answers are checked; its last "
+                                   "rows (<= 10 %%, grpo.eval_prompts) are held out for the answer accuracy")
+        p_rl.add_argument("--prompts", default=None, metavar="FILE|world",
+                          help="training prompts (default: the world's); any prompt/chat/preference/GSM8K file")
+        add_stage_args(p_rl)
+        p_rl.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+        p_rl.set_defaults(handler=cmd_rl, stage=name)
+
     prm_p = commands.add_parser(
         "prm", help="train a process reward model (and an outcome RM on the same samples)", formatter_class=fmt,
         description="Sample the SFT policy on training prompts, label every step (line) with the world's step "
@@ -553,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (the default is this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port")
     srv.add_argument("--token", default=None, metavar="T",
-                     help="require `Authorization: Bearer T` on every /api request but /api/health")
+                     help="require `Authorization: Bearer T` on every /api request but /api/health "
+                          "(or set GPTSTACK_SERVE_TOKEN, which `ps` does not show)")
     srv.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the serve and world sections")
     srv.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set serve.k=3 or --set serve.prompts=prompts.jsonl")

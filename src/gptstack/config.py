@@ -108,7 +108,7 @@ class PrefsConfig:
     k: int = field(default=4, metadata={"help": "responses sampled (and ranked) per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the K responses"})
     max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
-    batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
+    batch_size: int = field(default=64, metadata={"help": "prompts decoded together (each with k rows; the samples do not depend on it)"})
     seed: int = field(default=2, metadata={"help": "seed of the prompts, the samples and the labeler's noise"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
 
@@ -139,10 +139,67 @@ class BonConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
     prompts: int = field(default=0, metadata={"help": "use only the first N prompts of the world's held-out eval set (0 = all)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (each decodes max(n) rows)"})
+    batch_size: int = field(default=4, metadata={"help": "prompts decoded together (each with max(n) rows; the samples do not depend on it)"})
     score_batch_size: int = field(default=128, metadata={"help": "sequences per reward-model scoring batch"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """The RL loop (stages/ppo.py) shared by ppo, overopt and grpo: rollout -> score -> advantages
+    -> `epochs` passes of clipped updates over `minibatches` per rollout batch. Counted in updates
+    (one rollout batch each); the optimizer takes updates x epochs x minibatches steps."""
+
+    max_steps: int = field(default=0, metadata={"help": "derived: updates x epochs x minibatches (leave 0)"})
+    updates: int = field(default=60, metadata={"help": "rollout + optimisation rounds"})
+    prompts_per_update: int = field(default=64, metadata={"help": "prompts sampled per update per process"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "responses per prompt (GRPO's group size G)"})
+    epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    minibatches: int = field(default=4, metadata={"help": "optimizer steps per epoch (the batch is split into this many)"})
+    batch_size: int = field(default=0, metadata={"help": "derived: rollouts per micro-batch (leave 0; set grad_accum to split a minibatch)"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup, in optimizer steps"})
+    schedule: str = field(default="constant", metadata={"help": "cosine | wsd | constant"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    max_new_tokens: int = field(default=64, metadata={"help": "response length limit of the rollouts"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout temperature (logprobs are recomputed at the same T)"})
+    advantage: str = field(default="gae", metadata={"help": "gae (PPO, needs the critic) | grpo (group-normalised) | rloo (leave-one-out)"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise GAE advantages over the batch"})
+    clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of the policy ratio"})
+    value_clip: float = field(default=0.2, metadata={"help": "clip range of the value function"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty in the reward (InstructGPT 0.02); the initial value with kl_target"})
+    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller's target sequence KL (0 = fixed beta)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller's horizon, in rollouts"})
+    kl_loss_coef: float = field(default=0.0, metadata={"help": "GRPO-style KL term in the loss (k3 estimator) instead of in the reward"})
+    no_end_score: float = field(default=-3.0, metadata={"help": "score given to a response that never ends (reaches max_new_tokens)"})
+    penalize_no_end: bool = field(default=True, metadata={"help": "replace the score of a response that never ends by no_end_score"})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx gamma: weight of a pretraining LM loss in each update (InstructGPT 27.8)"})
+    ptx_batch_size: int = field(default=8, metadata={"help": "pretraining sequences per micro-batch for PPO-ptx"})
+    eval_every: int = field(default=0, metadata={"help": "held-out proxy / gold / KL every N updates (0 = only at the end)"})
+    eval_prompts: int = field(default=100, metadata={"help": "held-out prompts of the periodic evaluation (spread over the families)"})
+    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt at T = 1 in the periodic evaluation"})
+    checkpoint_every: int = field(default=10, metadata={"help": "write a resumable checkpoint every N updates"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N updates"})
+    hack_window: int = field(default=5, metadata={"help": "updates per window of the reward-hacking alarm (proxy up, gold down)"})
+    prompt_seed: int = field(default=7, metadata={"help": "seed of the training prompts (world) and the rollouts"})
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO on a verifiable reward: the RL loop with group advantages, no critic."""
+
+    samples_per_prompt: int = field(default=8, metadata={"help": "G: responses per prompt"})
+    prompts_per_update: int = field(default=16, metadata={"help": "prompts sampled per update per process"})
+    advantage: str = field(default="grpo", metadata={"help": "grpo (group-normalised) | rloo (leave-one-out) | gae"})
+    kl_coef: float = field(default=0.0, metadata={"help": "per-token KL penalty in the reward (GRPO puts it in the loss: kl_loss_coef)"})
+    kl_loss_coef: float = field(default=0.0, metadata={"help": "KL to the reference in the loss (k3 estimator; DeepSeekMath 0.04, TRL default 0)"})
+    epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
+    minibatches: int = field(default=2, metadata={"help": "optimizer steps per epoch"})
 
 
 @dataclass
@@ -200,9 +257,12 @@ class Config:
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     bon: BonConfig = field(default_factory=BonConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    ppo: RLConfig = field(default_factory=RLConfig)
+    overopt: RLConfig = field(default_factory=lambda: RLConfig(updates=150, kl_coef=0.0, eval_every=10))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
