@@ -228,6 +228,8 @@ def test_page_never_writes_html_from_strings():
     ("/api/label", {"annotator": "x", "ranking": [0, 1]}, ["body", "item_id"]),
     ("/api/label", {"item_id": 1, "annotator": "", "ranking": [0, 1]}, ["body", "annotator"]),
     ("/api/label", {"item_id": 1, "annotator": "x", "ranking": "01"}, ["body", "ranking"]),
+    ("/api/label", {"item_id": 1, "annotator": "x", "ranking": [True, "0", 2.0]}, ["body", "ranking", 0]),
+    ("/api/label", {"item_id": "1", "annotator": "x", "ranking": [0, 1]}, ["body", "item_id"]),
     ("/api/label", {"item_id": 1, "annotator": "x", "status": "meh"}, ["body", "status"]),
     ("/api/label", {"item_id": 1, "annotator": "x", "rank": [0, 1]}, ["body", "rank"]),
     ("/api/chat", {"stage": "sft", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
@@ -240,7 +242,7 @@ def test_bad_bodies_get_422_naming_the_field(client, path, body, field):
     r = client.post(path, json=body)
     assert r.status_code == 422
     assert field in [e["loc"] for e in r.json()["detail"]]
-    assert ".".join(field) in r.json()["error"]
+    assert ".".join(map(str, field)) in r.json()["error"]
 
 
 def test_label_api_refuses_rankings_that_do_not_match_what_was_shown(client, run_dir):

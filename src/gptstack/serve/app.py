@@ -55,7 +55,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 from .. import world
 from ..common import UserError
@@ -108,10 +108,11 @@ class CompareRequest(Sampling):
 
 class LabelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    item_id: int = Field(ge=1)
+    item_id: StrictInt = Field(ge=1)
     annotator: Annotator
     status: Literal["ranked", "all_bad", "skipped"] = "ranked"
-    ranking: list[int] | None = Field(None, max_length=64, description="response indices, best first")
+    # strict: true, "0" or 2.0 is not an index (lax parsing would turn [true, 0, 2] into a ranking)
+    ranking: list[StrictInt] | None = Field(None, max_length=64, description="response indices, best first")
     responses: list[str] | None = Field(None, description="the responses as shown (checked against the item)")
 
 
