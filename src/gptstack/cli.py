@@ -217,6 +217,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    pipeline.run(_config(args), args.out, stages=args.stages, report=not args.no_report)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    md, page = write_report(args.run, _config(args).report)
+    print(f"report: wrote {md} and {page}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -495,6 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     dpo_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     dpo_p.set_defaults(handler=cmd_dpo)
 
+    run_p = commands.add_parser(
+        "run", help="the whole pipeline, resumable, then the report card", formatter_class=fmt,
+        description="tokenizer -> pretrain -> sft -> prefs -> rm -> bon -> ppo -> overopt -> grpo -> dpo -> prm -> "
+                    "search in one command: a stage whose summary.json exists is skipped, an interrupted one resumes "
+                    "from its checkpoint, so running the same command again after a kill continues. Ends with "
+                    "RUN/report.md and RUN/report.html.")
+    run_p.add_argument("--out", default="runs/tiny", metavar="RUN", help="run directory")
+    run_p.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe (values for every stage)")
+    run_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    run_p.add_argument("--stages", default=None, metavar="a,b,...", help="run only these stages (in pipeline order)")
+    run_p.add_argument("--no-report", action="store_true", help="skip writing the report card at the end")
+    run_p.set_defaults(handler=cmd_run)
+
     rl_help = {
         "ppo": ("PPO-RLHF on the reward model (KL penalty, adaptive KL, PPO-ptx)",
                 "InstructGPT's RL stage: rollouts from the SFT policy, reward = RM score at the end minus "
@@ -566,6 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override e.g. eval.k=8")
     ev.set_defaults(handler=cmd_eval)
+
+    rep = commands.add_parser("report", help="the report card of a run (report.md + report.html)", formatter_class=fmt,
+                              description="Read every stage's summary.json, metrics.jsonl and sample responses in "
+                                          "RUN and write RUN/report.md (plots as RUN/report-*.png beside it) and a "
+                                          "self-contained RUN/report.html: the top table (accuracy with its 95 % "
+                                          "interval, gold reward, KL to SFT, wall time), the claims with whether their "
+                                          "intervals separate, and a section per stage. Stages not run are marked so.")
+    rep.add_argument("run", metavar="RUN", help="a run directory")
+    rep.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the report section")
+    rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override e.g. report.samples=3")
+    rep.set_defaults(handler=cmd_report)
 
     chat = commands.add_parser("chat", help="chat with a trained model in the terminal", formatter_class=fmt,
                                description="A terminal chat (streaming, multi-turn history) with RUN/STAGE, or with "

@@ -22,6 +22,7 @@ from .model.gpt import PRESETS, GPTConfig
 from .world.tasks import WorldConfig
 from .eval.config import EvalConfig
 from .serve.config import ServeConfig
+from .report.config import ReportConfig
 
 
 @dataclass
@@ -176,6 +177,7 @@ class RLConfig(TrainConfig):
     kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller's target sequence KL (0 = fixed beta)"})
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller's horizon, in rollouts"})
     kl_loss_coef: float = field(default=0.0, metadata={"help": "GRPO-style KL term in the loss (k3 estimator) instead of in the reward"})
+    scale_advantages: bool = field(default=True, metadata={"help": "grpo: divide each group's advantages by its reward std (TRL scale_rewards; false = Dr. GRPO, which does not blow up tiny reward differences)"})
     no_end_score: float = field(default=-3.0, metadata={"help": "score given to a response that never ends (reaches max_new_tokens)"})
     penalize_no_end: bool = field(default=True, metadata={"help": "replace the score of a response that never ends by no_end_score"})
     ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx gamma: weight of a pretraining LM loss in each update (InstructGPT 27.8)"})
@@ -244,6 +246,24 @@ class SearchConfig:
 
 
 @dataclass
+class RunConfig:
+    """`gptstack run`'s ETA: each stage's expected seconds on 2 CPU cores (the progress line scales
+    them by the pace measured on the stages already run)."""
+
+    pretrain: float = field(default=220, metadata={"help": "expected seconds of pretrain"})
+    sft: float = field(default=420, metadata={"help": "expected seconds of sft"})
+    prefs: float = field(default=60, metadata={"help": "expected seconds of prefs"})
+    rm: float = field(default=60, metadata={"help": "expected seconds of rm"})
+    bon: float = field(default=60, metadata={"help": "expected seconds of bon"})
+    ppo: float = field(default=180, metadata={"help": "expected seconds of ppo"})
+    overopt: float = field(default=180, metadata={"help": "expected seconds of overopt"})
+    grpo: float = field(default=180, metadata={"help": "expected seconds of grpo"})
+    dpo: float = field(default=90, metadata={"help": "expected seconds of dpo"})
+    prm: float = field(default=90, metadata={"help": "expected seconds of prm"})
+    search: float = field(default=90, metadata={"help": "expected seconds of search"})
+
+
+@dataclass
 class Config:
     name: str = field(default="tiny", metadata={"help": "recipe name"})
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -260,9 +280,11 @@ class Config:
     ppo: RLConfig = field(default_factory=RLConfig)
     overopt: RLConfig = field(default_factory=lambda: RLConfig(updates=150, kl_coef=0.0, eval_every=10))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -204,7 +204,7 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
     else:
         # GRPO/RLOO: a sequence-level advantage; a KL penalty, if any, goes into the score
         shaped = scores - kl_coef * kl.sum(1)
-        advantages = (rl.group_advantages(shaped, tc.samples_per_prompt) if tc.advantage == "grpo"
+        advantages = (rl.group_advantages(shaped, tc.samples_per_prompt, tc.scale_advantages) if tc.advantage == "grpo"
                       else rl.rloo_advantages(shaped, tc.samples_per_prompt))
     non_score = (-kl_coef * kl).sum(1)
     stats = {
@@ -291,8 +291,8 @@ def fit_gao_rl(points: list[dict]) -> dict:
     derivative alpha - beta (log d + 1) vanishes: d* = exp(alpha / beta - 1)."""
     base = next((p["gold"] for p in points if p["d"] == 0), points[0]["gold"])
     pts = [p for p in points if p["d"] > 0]
-    if len(pts) < 3:
-        return {}
+    if len(pts) < 3:  # too few points to fit two coefficients and judge the fit: say so, keep the keys
+        return {"fit/alpha": None, "fit/beta": None, "fit/r2": None, "fit/gold_at_d0": base}
     d = torch.tensor([p["d"] for p in pts], dtype=torch.float64)
     y = torch.tensor([p["gold"] - base for p in pts], dtype=torch.float64)
     X = torch.stack([d, -d * torch.log(d)], dim=1)
@@ -320,7 +320,7 @@ def plot_overopt(points: list[dict], fit: dict, path: Path) -> None:
         ax2.plot(d, [p["proxy"] for p in points], "s--", color="tab:orange", label="proxy (RM score)")
         ax2.set_ylabel("proxy (normalised RM score)")
         ax2.legend(loc="lower right")
-    if fit:
+    if fit.get("fit/alpha") is not None:
         xs = torch.linspace(max(min(d), 1e-3), max(d), 100)
         ys = fit["fit/gold_at_d0"] + xs * (fit["fit/alpha"] - fit["fit/beta"] * torch.log(xs))
         ax.plot(xs, ys, ":", color="tab:blue", label=f"fit d(α − β log d), R² = {fit['fit/r2']:.2f}")
@@ -534,7 +534,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             fit = fit_gao_rl(points)
             summary.update({"points": points, **fit})
             best = max(points, key=lambda p: p["gold"])
-            summary["gold_peak_d"] = fit.get("fit/peak_d", best["d"]) if fit.get("fit/beta", 0) > 0 else best["d"]
+            summary["gold_peak_d"] = fit["fit/peak_d"] if "fit/peak_d" in fit else best["d"]
             summary["gold_peak_d_observed"] = best["d"]
             plot_overopt(points, fit, stage_dir / "overopt.png")
     session.finish(summary, extra=extra, weights=lambda sd: {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")},

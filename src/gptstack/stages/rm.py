@@ -261,14 +261,17 @@ def preference_metrics(rows: list[dict], scores: list[list[float]], correct: lis
             all_scores += s
             all_gold += gold
     out = {"eval/accuracy": agree / pairs if pairs else None, "eval/pairs": int(pairs)}
-    if cvw_pairs:
-        out["eval/correct_vs_wrong_accuracy"] = cvw_hits / cvw_pairs
+    # with world prompts the ground-truth keys are always there (null when no pair qualifies), so
+    # summary.json keeps DESIGN.md's keys even on a tiny held-out set
+    world_rows = any(ok is not None for ok in correct) or bool(all_gold)
+    if cvw_pairs or world_rows:
+        out["eval/correct_vs_wrong_accuracy"] = cvw_hits / cvw_pairs if cvw_pairs else None
         out["eval/correct_vs_wrong_pairs"] = int(cvw_pairs)
     if all_gold:
         out["eval/gold_spearman"] = spearman(all_scores, all_gold)
-    if labeler_pairs:
-        out["eval/labeler_gold_agreement"] = labeler_hits / labeler_pairs
-        out["eval/gold_pair_accuracy"] = rm_gold_hits / labeler_pairs  # the RM vs gold on the same pairs
+    if labeler_pairs or world_rows:
+        out["eval/labeler_gold_agreement"] = labeler_hits / labeler_pairs if labeler_pairs else None
+        out["eval/gold_pair_accuracy"] = rm_gold_hits / labeler_pairs if labeler_pairs else None
         out["eval/gold_differs_pairs"] = int(labeler_pairs)
     return out
 

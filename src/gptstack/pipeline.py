@@ -1,0 +1,96 @@
+"""`gptstack run`: the whole pipeline in one resumable command, then the report card.
+
+    gptstack run --out runs/tiny                         # every stage on the tiny recipe
+    gptstack run --out runs/tiny --stages ppo,grpo       # a subset (their inputs must exist)
+    gptstack run --recipe micro --out /tmp/smoke         # seconds: the smoke test's recipe
+
+Stages run in pipeline order, each through the same function its own command calls, with the
+run directory's conventional paths (RUN/sft is the policy, RUN/rm the reward model, ...). A stage
+whose summary.json exists is complete and skipped; one that was interrupted resumes from its
+checkpoint (each stage's own resume), so killing `gptstack run` and running it again continues
+where it stopped. The progress line names the stage and an ETA from the recipe's per-stage
+estimates (the `run` section, seconds on 2 CPU cores), scaled by this machine's measured pace.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .common import UserError
+from .config import Config
+from .train.dist import print0
+
+STAGES = ("pretrain", "sft", "prefs", "rm", "bon", "ppo", "overopt", "grpo", "dpo", "prm", "search")
+
+
+def _call(stage: str, cfg: Config, run: Path) -> dict:
+    from .stages import bon, dpo, ppo, prefs, pretrain, prm, rm, search, sft
+
+    policy = run / "sft"
+    calls = {
+        "pretrain": lambda: pretrain.run(cfg, run),
+        "sft": lambda: sft.run(cfg, run / "pretrain", run),
+        "prefs": lambda: prefs.run(cfg, policy, run),
+        "rm": lambda: rm.run(cfg, policy, run / "prefs", run),
+        "bon": lambda: bon.run(cfg, policy, run / "rm", run),
+        "ppo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="ppo"),
+        "overopt": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="overopt"),
+        "grpo": lambda: ppo.run(cfg, policy, run, reward="gold", stage="grpo"),
+        "dpo": lambda: dpo.run(cfg, policy, run / "prefs", run),
+        "prm": lambda: prm.run(cfg, policy, run),
+        "search": lambda: search.run(cfg, policy, run / "prm", run, rm_dir=run / "rm"),
+    }
+    return calls[stage]()
+
+
+def parse_stages(spec: str | None) -> list[str]:
+    if not spec:
+        return list(STAGES)
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; the stages are {','.join(STAGES)}")
+    return [s for s in STAGES if s in chosen]  # always in pipeline order
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = True) -> dict:
+    """Run (or resume, or skip) each chosen stage; -> {stage: seconds spent in this call}."""
+    run_dir = Path(out)
+    chosen = parse_stages(stages)
+    estimates = {s: float(getattr(cfg.run, s)) for s in chosen}
+    todo = [s for s in chosen if not (run_dir / s / "summary.json").exists()]
+    t0, spent, pace = time.perf_counter(), {}, 1.0   # pace: measured / estimated, over the stages run so far
+    done_estimate = done_measured = 0.0
+    for i, stage in enumerate(chosen, 1):
+        if stage not in todo:
+            print0(f"[{i}/{len(chosen)}] {stage}: complete ({run_dir / stage / 'summary.json'}), skipped")
+            continue
+        remaining = sum(estimates[s] for s in todo[todo.index(stage):]) * pace
+        print0(f"[{i}/{len(chosen)}] {stage}: starting (~{_fmt(estimates[stage] * pace)}; pipeline ETA {_fmt(remaining)}, "
+               f"elapsed {_fmt(time.perf_counter() - t0)})")
+        t = time.perf_counter()
+        result = _call(stage, cfg, run_dir)
+        spent[stage] = time.perf_counter() - t
+        if not (run_dir / stage / "summary.json").exists():   # a stage stopped early (stop_at): resume later
+            print0(f"{stage}: stopped before finishing ({result}); run the same command again to continue")
+            return spent
+        done_estimate += estimates[stage]
+        done_measured += spent[stage]
+        pace = done_measured / done_estimate
+    timings = run_dir / "run_times.json"
+    if spent:
+        old = json.loads(timings.read_text()) if timings.exists() else {}
+        from .common import atomic_write_json
+        atomic_write_json(timings, {**old, **{s: round(v, 1) for s, v in spent.items()}})
+    if report:
+        from .report import write_report
+        md, html = write_report(run_dir)
+        print0(f"report: {md} and {html}")
+    print0(f"run: {len(spent)} stage(s) in {_fmt(time.perf_counter() - t0)}; {run_dir}")
+    return spent
