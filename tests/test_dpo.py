@@ -16,7 +16,7 @@ from gptstack.eval.protocol import pad_right, sequence_logprobs, summed_logprobs
 from gptstack.model import GPT, GPTConfig
 from gptstack.stages import dpo
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
-from gptstack.train.checkpoint import save_model
+from gptstack.train.checkpoint import load_model, save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=96", "dpo.batch_size=4",
          "dpo.max_steps=3", "dpo.log_every=1", "dpo.warmup_steps=0", "dpo.heldout_fraction=0.25",
@@ -243,6 +243,29 @@ def test_a_stopped_run_resumes_to_the_same_weights(tok, tmp_path):
     for key, value in finals[0].items():
         torch.testing.assert_close(finals[1][key], value, rtol=0, atol=1e-6)
     assert not torch.equal(finals[0]["tok_emb.weight"], load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))["tok_emb.weight"])
+
+
+def test_rpo_adds_the_chosen_responses_nll_per_token(tok, tmp_path):
+    assert dpo.chosen_nll(torch.tensor([-3.0, -6.0]), torch.tensor([2, 4])).item() == pytest.approx(1.5)  # 9 / 6
+    sets = [*SMALL, "dpo.max_steps=1", "dpo.rpo_alpha=0.5", "eval.limit=2"]
+    policy = make_run(tmp_path, tok, sets)
+    write_jsonl(tmp_path / "prefs.jsonl", WORLD_ROWS)
+    cfg = build_config("tiny", sets=sets)
+    dpo.run(cfg, policy, tmp_path / "prefs.jsonl", tmp_path)
+    (first,) = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
+                if '"nll_loss"' in line]
+    # by hand: the step-0 batch's chosen responses, scored by the SFT model token by token
+    data, _ = dpo.encode_pairs(tok, read_dataset(tmp_path / "prefs.jsonl"), cfg.model.block_size)
+    train, _ = dpo.split_heldout(data, cfg.dpo.heldout_fraction, cfg.dpo.seed)
+    chosen = data.pairs[dpo.batch_pairs(train, cfg.dpo.batch_size, cfg.dpo.seed, 0, 0, 1), 0]
+    sft, _ = load_model(policy)
+    token_logps = []
+    for s in chosen:
+        p, r = data.prompts[s], data.responses[s]
+        logp = torch.log_softmax(sft(torch.tensor([p + r]))[0].float(), -1)
+        token_logps += [logp[len(p) - 1 + j, t].item() for j, t in enumerate(r)]
+    assert first["nll_loss"] == pytest.approx(-sum(token_logps) / len(token_logps), abs=1e-4)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll_loss"], abs=1e-5)
 
 
 def test_runs_on_hh_rlhf_transcripts(tok, tmp_path, shared_data):

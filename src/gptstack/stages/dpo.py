@@ -8,7 +8,9 @@ Rafailov et al. (2023): with the frozen SFT model as reference and h = (log π(y
 − (log π(y_l) − log π_ref(y_l)) (sums over response tokens), the loss is −log σ(β h) — the
 Bradley–Terry likelihood of the labels under the implicit reward β log π/π_ref. Options, as TRL's
 `loss_type`: "sigmoid" (with `label_smoothing` ε: conservative DPO, −(1−ε) log σ(βh) − ε log σ(−βh))
-and "ipo" ((h − 1/(2β))², on per-token mean logprobs, as TRL computes it).
+and "ipo" ((h − 1/(2β))², on per-token mean logprobs, as TRL computes it). `rpo_alpha` α adds
+α × the per-token NLL of the chosen responses (TRL's `rpo_alpha`, Pang et al. 2024): plain DPO can
+lower the likelihood of chosen and rejected alike, and a small policy with noisy labels does (docs/LOG.md).
 
 Data: TRL prompt/chosen/rejected, hh-rlhf transcripts, or K-wise ranking rows (`gptstack prefs`
 writes RUN/prefs/prefs.jsonl), which give all K(K−1)/2 pairs of each ranking. A prompt too long
@@ -69,6 +71,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"loss_type: expected one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The mean negative log-likelihood per chosen-response token (RPO's extra term): summed
+    sequence logprobs (B,) and their token counts (B,) -> a scalar."""
+    return -policy_chosen.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 def pair_metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -202,6 +210,8 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
         raise UserError(f"dpo.beta: expected a positive number, got {tc.beta}")
     if not 0 <= tc.label_smoothing < 0.5:
         raise UserError(f"dpo.label_smoothing: expected 0 <= value < 0.5, got {tc.label_smoothing}")
+    if tc.rpo_alpha < 0:
+        raise UserError(f"dpo.rpo_alpha: expected a number >= 0, got {tc.rpo_alpha}")
     if not 0 <= tc.heldout_fraction < 1:
         raise UserError(f"dpo.heldout_fraction: expected 0 <= value < 1, got {tc.heldout_fraction}")
     info = init_distributed()
@@ -263,7 +273,7 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
            f"out), beta {tc.beta}, {tc.loss_type} loss, batch {tc.batch_size} x {tc.grad_accum} x {info.world}, "
            f"{tc.max_steps} steps = {tc.max_steps * tc.batch_size * tc.grad_accum * info.world / len(train):.2f} "
            "epochs", info=info)
-    window: dict[str, list[float]] = {k: [] for k in METRICS}  # batch metrics since the last log line
+    window: dict[str, list[float]] = {}  # batch metrics since the last log line
     last_train: dict[str, float] = {}  # stays empty when a finished run is resumed (no step left to take)
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
@@ -271,24 +281,30 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
         chosen, rejected = torch.from_numpy(data.pairs[rows, 0]), torch.from_numpy(data.pairs[rows, 1])
         seqs = torch.cat([chosen, rejected])  # chosen and rejected in one forward, as TRL does
         ids, mask = pad_right([data.prompts[s] for s in seqs.tolist()], [data.responses[s] for s in seqs.tolist()])
-        logps = per_token(summed_logprobs(session.step_model, ids.to(info.device), mask.to(info.device)), seqs)
+        summed = summed_logprobs(session.step_model, ids.to(info.device), mask.to(info.device))
+        logps = per_token(summed, seqs)
         pc, pr = logps[: len(rows)], logps[len(rows):]
         loss, rc, rr = dpo_loss(pc, pr, ref_logps[chosen].to(pc.device), ref_logps[rejected].to(pc.device),
                                 tc.beta, tc.loss_type, tc.label_smoothing)
-        for k, v in pair_metrics(loss, rc, rr, pc, pr).items():
-            window[k].append(v)
+        metrics = pair_metrics(loss, rc, rr, pc, pr)
+        if tc.rpo_alpha:
+            nll = chosen_nll(summed[: len(rows)], lengths[chosen].to(summed.device))
+            loss = loss + tc.rpo_alpha * nll
+            metrics |= {"loss": loss.detach().item(), "nll_loss": nll.detach().item()}
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
         return loss
 
     for step in session.steps():
         result = session.step(step, lambda micro: micro_loss(step, micro))
         if result is None:
-            window = {k: [] for k in METRICS}
+            window = {}
             continue
         lr, loss, grad_norm = result
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
             means = {k: all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()}
-            window = {k: [] for k in METRICS}
+            window = {}
             session.log(done, {"loss": f"{means['loss']:.3f}", "acc": f"{means['rewards/accuracies']:.2f}"},
                         **means, **{"train/lr": lr, "train/grad_norm": grad_norm})
             last_train = means
