@@ -12,7 +12,7 @@ import pytest
 from gptstack.cli import main
 from gptstack.common import UserError
 from gptstack.report import ReportConfig, write_report
-from gptstack.report.card import STAGES
+from gptstack.report.card import STAGES, series
 
 CFG = ReportConfig(samples=5, bon_n=16, dpi=20)  # low dpi: the test checks the plots exist, not their looks
 FAMILIES = ("arithmetic", "compare", "count", "lists", "word")
@@ -269,7 +269,8 @@ def test_partial_run_says_what_did_not_run(tmp_path):
     run = make_run(tmp_path, stages=("pretrain", "sft"))
     # a stage still running: metrics so far (the last line cut off mid-write), no summary
     (run / "ppo").mkdir()
-    text = "".join(json.dumps(r) + "\n" for r in rl_metrics(3, 0.6)) + '{"step": 16, "objective/kl": 0.'
+    rows = rl_metrics(3, 0.6) + [{"step": 14, "objective/kl": 0.2, "objective/scores": "nan", "episode": 512}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 16, "objective/kl": 0.'
     (run / "ppo/metrics.jsonl").write_text(text)
     md_path, html_path = write_report(run, CFG)
     md = md_path.read_text()
@@ -283,6 +284,12 @@ def test_partial_run_says_what_did_not_run(tmp_path):
     assert claims["PPO > SFT"] == "not measured (PPO not run)"
     assert claims["best-of-16 > best-of-1"].startswith("not measured")
     assert html_path.exists()
+
+
+def test_series_sorts_keeps_the_last_repeat_and_drops_non_finite():
+    rows = [{"step": 20, "loss": 2.0}, {"step": 10, "loss": 3.0}, {"step": 20, "loss": 1.5}, {"step": 30, "loss": "nan"},
+            {"step": 40, "loss": "inf"}, {"step": 50}, {"step": 60, "loss": True}, {"loss": 9.0}, {"step": 70, "loss": 1}]
+    assert series(rows, "loss") == [(10, 3.0), (20, 1.5), (70, 1)]
 
 
 def test_empty_run_directory(tmp_path):

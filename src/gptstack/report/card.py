@@ -17,6 +17,7 @@ text escaped, no scripts, no external files). The plots are plots.py's.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +59,15 @@ def read_jsonl(path: Path) -> list[dict]:
             raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+def series(rows: list[dict], key: str, x: str = "step") -> list[tuple[float, float]]:
+    """(x, value) points of one metric, sorted by x, the last row winning on a repeated x. Rows without
+    it, or with a non-finite value (the metrics logger writes those as strings), are left out."""
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    return sorted({r[x]: r[key] for r in rows if finite(r.get(x)) and finite(r.get(key))}.items())
 
 
 class Stage:
@@ -342,9 +352,8 @@ def section_pretrain(st: Stage, cfg: ReportConfig, sec: Section, **_) -> None:
                             ("tokens seen", "tokens_seen", number), ("parameters", "params", number),
                             ("steps", "steps", number), ("wall time", "wall_seconds", seconds)])
     rows = read_jsonl(st.dir / "metrics.jsonl")
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = sorted({r["step"]: r.get("val/loss", r.get("val/loss_estimate")) for r in rows
-                  if "val/loss" in r or "val/loss_estimate" in r}.items())
+    train = series(rows, "train/loss")
+    val = sorted(dict(series(rows, "val/loss_estimate") + series(rows, "val/loss")).items())  # the full split wins
     if train or val:
         sec.plot("pretrain-loss", plots.pretrain_loss(train, val, cfg.dpi),
                  "Pretraining loss: train/loss per logged step; validation estimates and the final full split.")
@@ -419,7 +428,8 @@ def rl_curves(st: Stage, cfg: ReportConfig, sec: Section, keys: list[str]) -> No
     rows = [r for r in read_jsonl(st.dir / "metrics.jsonl") if "objective/kl" in r]
     if rows:
         x = "episode" if all("episode" in r for r in rows) else "step"
-        sec.plot(f"{st.name}-curves", plots.curves(rows, keys, cfg.dpi, x=x),
+        sec.plot(f"{st.name}-curves", plots.curves({k: series(rows, k, x) for k in keys},
+                                                   "rollouts" if x == "episode" else "step", cfg.dpi),
                  f"{st.name}: training metrics per update (TRL names; gold/* is the world's gold reward of the same "
                  f"rollouts, hack/* the length and repetition of the responses), over {'rollouts' if x == 'episode' else 'steps'}.")
 
@@ -434,18 +444,17 @@ def section_policy(st: Stage, cfg: ReportConfig, sec: Section, s: dict[str, Stag
     figures_table(sec, st, policy_spec(st) + extra + [("wall time", "wall_seconds", seconds)])
     if st.name == "dpo":
         rows = read_jsonl(st.dir / "metrics.jsonl")
-        if any("loss" in r for r in rows):
-            sec.plot("dpo-curves", plots.curves(rows, ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
-                                                       "rewards/rejected"], cfg.dpi),
+        if series(rows, "loss"):
+            keys = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"]
+            sec.plot("dpo-curves", plots.curves({k: series(rows, k) for k in keys}, "step", cfg.dpi),
                      "DPO training metrics (TRL names): loss, implicit reward margin and pair accuracy, chosen and rejected rewards.")
     else:
         rl_curves(st, cfg, sec, RL_CURVES)
     if st.name == "grpo":
-        series = {n: [(r.get("episode", r["step"]), r["gold/reward"]) for r in read_jsonl(s[n].dir / "metrics.jsonl")
-                      if "gold/reward" in r] for n in ("ppo", "grpo")}
+        gold = {n: series(read_jsonl(s[n].dir / "metrics.jsonl"), "gold/reward", "episode") for n in ("ppo", "grpo")}
         finals = {n: s[n].num("eval/gold_reward") for n in POLICIES if s[n].num("eval/gold_reward") is not None}
-        if any(series.values()) or finals:
-            sec.plot("grpo-vs-ppo", plots.gold_comparison({k: v for k, v in series.items() if v}, finals, cfg.dpi),
+        if any(gold.values()) or finals:
+            sec.plot("grpo-vs-ppo", plots.gold_comparison({k: v for k, v in gold.items() if v}, finals, cfg.dpi),
                      "GRPO vs PPO on gold: the gold reward of the training rollouts (left) and the eval protocol's "
                      "gold reward of each policy (right).")
     policy_samples(sec, st, cfg.samples)

@@ -90,16 +90,13 @@ def best_of_n(by_n: list[dict], fit: dict | None, gold_n1: float, dpi: int) -> b
     return _png(fig, dpi)
 
 
-def curves(rows: list[dict], keys: list[str], dpi: int, x: str = "step", title: str = "") -> bytes:
-    """One panel per metric key over `x`, from metrics.jsonl rows that carry both."""
-    keys = [k for k in keys if any(k in r and x in r for r in rows)]
-    fig, axes = _panels(len(keys))
-    for ax, key in zip(axes, keys):
-        pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+def curves(series: dict[str, list[tuple[float, float]]], xlabel: str, dpi: int) -> bytes:
+    """One panel per metric: `series[name]` is its (x, value) points."""
+    series = {k: v for k, v in series.items() if v}
+    fig, axes = _panels(len(series))
+    for ax, (name, pts) in zip(axes, series.items()):
         ax.plot(*zip(*pts), linewidth=1)
-        ax.set(xlabel="rollouts" if x == "episode" else x, title=key)
-    if title:
-        fig.suptitle(title)
+        ax.set(xlabel=xlabel, title=name)
     return _png(fig, dpi)
 
 
