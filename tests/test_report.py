@@ -38,7 +38,7 @@ def policy(acc: float, ci: list[float], gold: float, kl: float, wall: float, pre
 
 
 def eval_samples(stage: str) -> list[dict]:
-    return [{"family": f, "difficulty": 1, "prompt": f"{stage} question {i} {f}?", "correct": i % 2 == 0,
+    return [{"family": f, "difficulty": 1, "prompt": f"{stage} question {i} {f}?", "correct": i < len(FAMILIES),
              "response": HOSTILE if (stage == "ppo" and i == 0) else f"{stage} answer {i}"}
             for i, f in enumerate(FAMILIES * 2)]
 
@@ -313,11 +313,14 @@ def test_html_escapes_model_output_and_is_self_contained(full):
     assert "````text\nQ: ppo question 0 arithmetic?\nA: " + HOSTILE + "\n````" in md
 
 
-def test_samples_show_one_per_family_first(full):
+def test_samples_show_one_per_family_right_and_wrong_alternating(full):
     _, md, _ = full
     section = md.split("(sft)\n", 1)[1].split("\n## ", 1)[0]
     labels = re.findall(r"^\*(.+?)\*$", section, flags=re.MULTILINE)
     assert labels == ["arithmetic · correct", "compare · wrong", "count · correct", "lists · wrong", "word · correct"]
+    # every family's first sample is right: for compare and lists the pick skips to their first wrong one
+    assert "Q: sft question 6 compare?" in section and "Q: sft question 1 compare?" not in section
+    assert "Q: sft question 8 lists?" in section
 
 
 def test_bad_input_is_named(tmp_path):

@@ -199,12 +199,16 @@ def policy_spec(st: Stage, prefix: str = "eval", who: str = "") -> list[tuple[st
 
 
 def policy_samples(sec: Section, st: Stage, count: int) -> None:
-    """The first eval sample of each family, then the next ones, up to `count`."""
+    """One eval sample per family, right and wrong answers alternating (the first right one of the
+    first family, the first wrong one of the next, ... falling back to the family's first), then the
+    rest in file order, up to `count`: failures are worth reading too."""
     rows = read_jsonl(st.dir / "eval_samples.jsonl")
-    first = {}
-    for i, r in enumerate(rows):
-        first.setdefault(r.get("family"), i)
-    order = list(first.values()) + [i for i in range(len(rows)) if i not in first.values()]
+    families = list(dict.fromkeys(r.get("family") for r in rows))
+    picked = []
+    for k, family in enumerate(families):
+        mine = [i for i, r in enumerate(rows) if r.get("family") == family]
+        picked.append(next((i for i in mine if rows[i].get("correct") is (k % 2 == 0)), mine[0]))
+    order = picked + [i for i in range(len(rows)) if i not in set(picked)]
     items = []
     for i in order[:count]:
         r = rows[i]

@@ -63,7 +63,7 @@ def rm_bars(figures: dict[str, float], dpi: int) -> bytes:
     ax.barh(names, [figures[n] for n in names], color="tab:purple")
     for i, n in enumerate(names):
         ax.text(figures[n], i, f" {figures[n]:.3f}", va="center", fontsize="small")
-    ax.axvline(0.5, color="grey", linestyle=":", label="chance (pairs)")
+    ax.axvline(0.5, color="grey", linestyle=":", label="chance for pair accuracies (Spearman: 0)")
     ax.set(xlim=(min(0.0, *figures.values()), 1.1), title="Reward model (held-out)")
     ax.legend(fontsize="small", loc="lower right")
     return _png(fig, dpi)
