@@ -90,7 +90,7 @@ def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = 
         atomic_write_json(timings, {**old, **{s: round(v, 1) for s, v in spent.items()}})
     if report:
         from .report import write_report
-        md, html = write_report(run_dir)
+        md, html = write_report(run_dir, cfg.report)
         print0(f"report: {md} and {html}")
     print0(f"run: {len(spent)} stage(s) in {_fmt(time.perf_counter() - t0)}; {run_dir}")
     return spent
