@@ -143,6 +143,20 @@ def test_ranking_rows_give_all_pairs_with_each_response_encoded_once(tok, tmp_pa
     assert data.prompts[0] == tok.render_prompt(row["prompt"])
 
 
+def test_pair_modes_of_a_ranking(tok, tmp_path):
+    assert dpo.ranking_pairs([2, 0, 3, 1], "all") == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
+    assert dpo.ranking_pairs([2, 0, 3, 1], "best_vs_rest") == [(2, 0), (2, 3), (2, 1)]
+    assert dpo.ranking_pairs([2, 0, 3, 1], "best_worst") == [(2, 1)]
+    row = {"prompt": "What is 2 + 3?", "responses": ["a", "The answer is 5.", "b", "The answer is 6."],
+           "ranking": [1, 0, 2, 3], "ended": [True, True, True, False]}
+    ds = read_dataset(write_jsonl(tmp_path / "r.jsonl", [row]))
+    data, counts = dpo.encode_pairs(tok, ds, block_size=96, mode="best_worst")
+    end = tok.special(ASSISTANT_END)
+    assert counts["data/pairs"] == 1 and len(data.responses) == 2  # the unused middle responses are not scored
+    (c, r), = data.pairs.tolist()
+    assert data.responses[c] == tok.encode("The answer is 5.") + [end] and data.responses[r] == tok.encode("The answer is 6.")
+
+
 def test_long_prompts_lose_their_oldest_turns_and_pairs_that_cannot_fit_are_counted(tok, tmp_path):
     history = [{"role": "user", "content": "hello there friend " * 8}, {"role": "assistant", "content": "I am fine. " * 8}]
     rows = [{"prompt": history + [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "The answer is 5.",

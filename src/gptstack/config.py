@@ -97,6 +97,7 @@ class DPOConfig(TrainConfig):
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference (higher = closer to SFT)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo (identity preference optimisation, on per-token mean logprobs)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid loss: assumed label-noise rate eps in [0, 0.5) (conservative DPO)"})
+    pairs: str = field(default="all", metadata={"help": "pairs of a K-wise ranking: all (K(K-1)/2) | best_vs_rest | best_worst"})
     rpo_alpha: float = field(default=0.0, metadata={"help": "weight of the chosen responses' per-token NLL added to the loss (TRL's rpo_alpha; 0 = plain DPO)"})
     heldout_fraction: float = field(default=0.05, metadata={"help": "fraction of prompts whose pairs are held out for eval_rewards/accuracies"})
     ref_batch_size: int = field(default=64, metadata={"help": "sequences per batch when computing reference / held-out logprobs"})

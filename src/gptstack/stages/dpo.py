@@ -13,7 +13,8 @@ and "ipo" ((h − 1/(2β))², on per-token mean logprobs, as TRL computes it). `
 lower the likelihood of chosen and rejected alike, and a small policy with noisy labels does (docs/LOG.md).
 
 Data: TRL prompt/chosen/rejected, hh-rlhf transcripts, or K-wise ranking rows (`gptstack prefs`
-writes RUN/prefs/prefs.jsonl), which give all K(K−1)/2 pairs of each ranking. A prompt too long
+writes RUN/prefs/prefs.jsonl), which give all K(K−1)/2 pairs of each ranking, or with
+`dpo.pairs` the best response against each other one, or against the worst only. A prompt too long
 for the context loses its oldest turns; a pair that still does not fit is skipped and counted. A
 slice of the prompts (`dpo.heldout_fraction`) is held out: the implicit-reward accuracy on pairs
 never trained on (`eval_rewards/accuracies`) says whether the preferences generalise.
@@ -49,6 +50,7 @@ from ..world import ranking_to_pairs
 
 STAGE = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo")
+PAIR_MODES = ("all", "best_vs_rest", "best_worst")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
 
@@ -134,17 +136,33 @@ def fit_prompt(tok: Tokenizer, prompt: list[dict], room: int) -> list[int] | Non
     return None
 
 
-def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int) -> tuple[Pairs, dict]:
+def ranking_pairs(ranking: list[int], mode: str) -> list[tuple[int, int]]:
+    """(better, worse) response pairs of a ranking (best first): all K(K−1)/2 (InstructGPT), the
+    best against each other one, or only the best against the worst (one pair, as UltraFeedback's
+    binarised sets keep)."""
+    if mode == "all":
+        return ranking_to_pairs(ranking)
+    if mode == "best_vs_rest":
+        return [(ranking[0], other) for other in ranking[1:]]
+    if mode == "best_worst":
+        return [(ranking[0], ranking[-1])]
+    raise ValueError(f"pairs: expected one of {', '.join(PAIR_MODES)}, got {mode!r}")
+
+
+def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int, mode: str = "all") -> tuple[Pairs, dict]:
     """Normalised preference or ranking rows -> Pairs, and counts for summary.json. A ranking row
-    gives all its K(K−1)/2 pairs; its responses are encoded once. A response that did not end
-    (a ranking row's "ended" false) gets no <|assistant_end|>."""
+    gives its pairs (`ranking_pairs`), each response in them encoded once. A response that did
+    not end (a ranking row's "ended" false) gets no <|assistant_end|>."""
     end = tok.special(ASSISTANT_END)
     prompts, responses, pairs, group = [], [], [], []
     too_long = 0
     for row_index, row in enumerate(ds.rows):
         if ds.kind == "ranking":
-            texts, ended = row["responses"], row.get("ended") or [True] * len(row["responses"])
-            row_pairs = ranking_to_pairs(row["ranking"])
+            row_pairs = ranking_pairs(row["ranking"], mode)
+            used = sorted({i for pair in row_pairs for i in pair})
+            ended = row.get("ended") or [True] * len(row["responses"])
+            texts, ended = [row["responses"][i] for i in used], [ended[i] for i in used]
+            row_pairs = [(used.index(a), used.index(b)) for a, b in row_pairs]
         else:
             texts, ended, row_pairs = [row["chosen"], row["rejected"]], [True, True], [(0, 1)]
         bodies = [tok.encode(t) + ([end] if e else []) for t, e in zip(texts, ended)]
@@ -210,6 +228,8 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
         raise UserError(f"dpo.beta: expected a positive number, got {tc.beta}")
     if not 0 <= tc.label_smoothing < 0.5:
         raise UserError(f"dpo.label_smoothing: expected 0 <= value < 0.5, got {tc.label_smoothing}")
+    if tc.pairs not in PAIR_MODES:
+        raise UserError(f"dpo.pairs: expected one of {', '.join(PAIR_MODES)}, got {tc.pairs!r}")
     if tc.rpo_alpha < 0:
         raise UserError(f"dpo.rpo_alpha: expected a number >= 0, got {tc.rpo_alpha}")
     if not 0 <= tc.heldout_fraction < 1:
@@ -230,7 +250,7 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     ds = read_dataset(prefs_file, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
         print0(f"warning: {ds.describe()}", info=info)
-    data, counts = encode_pairs(tok, ds, cfg.model.block_size)
+    data, counts = encode_pairs(tok, ds, cfg.model.block_size, tc.pairs)
     if too_long := counts.get("data/skipped/longer_than_context"):
         print0(f"warning: {too_long} row(s) do not fit the context ({cfg.model.block_size} tokens) even without "
                "their earlier turns; skipped", info=info)
