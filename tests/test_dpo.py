@@ -20,7 +20,8 @@ from gptstack.train.checkpoint import load_model, save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=96", "dpo.batch_size=4",
          "dpo.max_steps=3", "dpo.log_every=1", "dpo.warmup_steps=0", "dpo.heldout_fraction=0.25",
-         "eval.limit=10", "eval.k=2", "eval.max_new_tokens=12", "dpo.checkpoint_every=0"]
+         "eval.limit=10", "eval.k=2", "eval.max_new_tokens=12", "dpo.checkpoint_every=0", "dpo.pairs=all",
+         "dpo.rpo_alpha=0"]
 
 
 def sigmoid(x: float) -> float:
