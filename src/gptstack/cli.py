@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dpo_p = commands.add_parser("dpo", help="direct preference optimisation of the SFT policy", formatter_class=fmt,
                                 description="DPO (sigmoid or IPO loss) on preference pairs against the frozen "
-                                            "SFT model, whose logprobs are computed once; K-wise rankings give all "
-                                            "their pairs. Logs TRL's rewards/* and logps/* metrics, then runs the "
+                                            "SFT model, whose logprobs are computed once; K-wise rankings give their "
+                                            "pairs (dpo.pairs). Logs TRL's rewards/* and logps/* metrics, then runs the "
                                             "evaluation protocol with KL to the SFT model. Writes RUN/dpo.")
     dpo_p.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to start from (and reference)")
     dpo_p.add_argument("--prefs", required=True, metavar="FILE|RUN/prefs",
