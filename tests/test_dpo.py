@@ -329,3 +329,31 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["dpo", "--help"])
     assert e.value.code == 0 and "--prefs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tok, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    curves = []
+    for n, batch in ((1, 8), (2, 4)):
+        run = tmp_path / f"ddp{n}"
+        sets = [*SMALL, f"dpo.batch_size={batch}", "dpo.lr=3e-3", "dpo.max_steps=4"]
+        make_run(run, tok, sets)
+        write_jsonl(run / "prefs.jsonl", WORLD_ROWS)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+                "-m", "gptstack.cli", "dpo", "--policy", str(run / "sft"), "--prefs", str(run / "prefs.jsonl"),
+                "--out", str(run)] + [a for s in sets for a in ("--set", s)]
+        done = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in (run / "dpo" / "metrics.jsonl").read_text().splitlines()]
+        curves.append([(m["loss"], m["rewards/accuracies"], m["rewards/margins"]) for m in lines if "loss" in m])
+    assert len(curves[0]) == 4
+    assert np.asarray(curves[1]) == pytest.approx(np.asarray(curves[0]), rel=1e-4, abs=1e-5)  # same global batch
