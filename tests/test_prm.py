@@ -101,15 +101,17 @@ def test_monte_carlo_labels_on_a_hand_made_example(tok):
         return [[Completion(i, tok.encode(text) + [end], [0.0] * (len(tok.encode(text)) + 1), True)
                  for text in continuations[i + 1]] for i in range(len(prefixes))]
 
-    labels = prm.monte_carlo_labels(None, tok, prompt, steps, correct=False,
-                                    is_right=lambda text: world.is_correct(task, text), rollouts=4,
-                                    max_new_tokens=64, generate_fn=fake_generate)
-    assert labels == [0.75, 0.0, 0.25, 0.0]
+    def is_right(text):
+        return world.is_correct(task, text)
+
+    # a one-step response beside it needs no rollout: its label is its correctness
+    responses = [prm.Response(prompt, steps, False, is_right), prm.Response(prompt, ["The answer is 15."], True, is_right)]
+    labels = prm.monte_carlo_labels(None, tok, responses, rollouts=4, max_new_tokens=64, generate_fn=fake_generate)
+    assert labels == [[0.75, 0.0, 0.25, 0.0], [1.0]]
     assert seen == [prompt + tok.encode("3 * 4 = 12.\n"), prompt + tok.encode("3 * 4 = 12.\n5 + 12 = 18.\n"),
                     prompt + tok.encode("3 * 4 = 12.\n5 + 12 = 18.\n18 - 2 = 16.\n")]
-    # a one-step response needs no rollout: its label is its correctness
-    assert prm.monte_carlo_labels(None, tok, prompt, ["The answer is 15."], True, None, 4, 64,
-                                  generate_fn=lambda *a, **k: pytest.fail("no rollout expected")) == [1.0]
+    assert prm.monte_carlo_labels(None, tok, responses[1:], 4, 64,
+                                  generate_fn=lambda *a, **k: pytest.fail("no rollout expected")) == [[1.0]]
 
 
 def test_monte_carlo_labels_with_the_engine(tok):
@@ -117,12 +119,14 @@ def test_monte_carlo_labels_with_the_engine(tok):
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=128)).eval()
     prompt = tok.render_prompt([{"role": "user", "content": "What is 2 + 3?"}])
     steps = ["2 + 3 = 5.", "5 + 0 = 5.", "The answer is 5."]
-    args = (model, tok, prompt, steps, True, lambda text: "5" in text, 3, 8)
-    labels = prm.monte_carlo_labels(*args, seed=1)
-    assert len(labels) == 3 and labels[-1] == 1.0
+    responses = [prm.Response(prompt, steps, True, lambda text: "5" in text),
+                 prm.Response(prompt, ["2 + 3 = 6.", "The answer is 6."], False, lambda text: "9" in text)]
+    labels = prm.monte_carlo_labels(model, tok, responses, 3, 8, seed=1)
+    assert len(labels[0]) == 3 and labels[0][-1] == 1.0 and len(labels[1]) == 2 and labels[1][-1] == 0.0
     # each rollout keeps the prefix's text, which already holds a "5": every rollout counts as right
-    assert labels[:2] == [1.0, 1.0]
-    assert prm.monte_carlo_labels(*args, seed=1) == labels
+    assert labels[0][:2] == [1.0, 1.0]
+    assert 0.0 <= labels[1][0] <= 1.0 and labels[1][0] * 3 == round(labels[1][0] * 3)
+    assert prm.monte_carlo_labels(model, tok, responses, 3, 8, seed=1) == labels
 
 
 # --- aggregation, AUROC -----------------------------------------------------------------------------
@@ -269,3 +273,29 @@ def test_prm_stage_outputs(tmp_path, tok):
     again = prm.run(build_config("tiny", sets=sets), run / "sft", run)
     assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
         {k: v for k, v in summary.items() if k != "wall_seconds"}
+
+
+def test_prm_stage_on_files_mc_labels_and_stepwise(tmp_path, tok):
+    """Prompts with answers (GSM8K-style) get Monte-Carlo labels; a stepwise file trains as it is."""
+    run = tmp_path / "run"
+    make_sft_run(run, tok)
+    tasks = world.train_tasks(8, seed=5, families=["arithmetic"])
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": t.prompt, "answer": t.answer}) + "\n" for t in tasks))
+    sets = SMALL_MODEL + ["prm.prompts=8", "prm.samples=2", "prm.max_steps=2", "prm.batch_size=4",
+                          "prm.max_new_tokens=16", "prm.mc_rollouts=2", "prm.eval_fraction=0"]
+    summary = prm.run(build_config("tiny", sets=sets), run / "sft", run, data=str(answers))
+    assert summary["data/labels"] == "mc"
+    rows = read_dataset(run / "prm/steps.jsonl").rows
+    assert rows and all(0 <= v <= 1 and v * 2 == round(v * 2) for r in rows for v in r["labels"])  # k/2 fractions
+    assert all(r["labels"][-1] == r["outcome"] for r in rows)
+    with pytest.raises(UserError, match="prm.labels=checker needs the world's step checker"):
+        prm.run(build_config("tiny", sets=sets + ["prm.labels=checker"]), run / "sft", tmp_path / "other",
+                data=str(answers))
+    stepwise = tmp_path / "stepwise.jsonl"
+    stepwise.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "completions": [f"{i} + 1 = {i + 1}.",
+                                                                                         f"The answer is {i + 1}."],
+                                            "labels": [True, i % 2 == 0]}) + "\n" for i in range(12)))
+    summary = prm.run(build_config("tiny", sets=sets), run / "sft", tmp_path / "file_run", data=str(stepwise))
+    assert summary["data/labels"] == "file" and summary["data/responses"] == 12
+    assert not (tmp_path / "file_run/prm/steps.jsonl").exists()  # the file is the step data

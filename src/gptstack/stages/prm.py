@@ -121,24 +121,36 @@ def checker_labels(task, steps: Sequence[str]) -> list[int]:
     return out
 
 
-def monte_carlo_labels(model, tok: Tokenizer, prompt_ids: Sequence[int], steps: Sequence[str], correct: bool,
-                       is_right: Callable[[str], bool], rollouts: int, max_new_tokens: int, temperature: float = 1.0,
-                       seed: int = 0, generate_fn=generate) -> list[float]:
-    """Math-Shepherd's soft labels: step j's value is the fraction of `rollouts` samples from the
-    prefix ending at step j (its newline included) whose full text `is_right`; the last step's
-    value is the response's own correctness. One batched engine call for all prefixes."""
-    prefixes = [render_steps(tok, prompt_ids, steps[: j + 1], ended=False, last_complete=True).ids
-                for j in range(len(steps) - 1)]
-    labels = []
+@dataclass
+class Response:
+    prompt_ids: list[int]
+    steps: list[str]
+    correct: bool                       # the final answer's correctness
+    is_right: Callable[[str], bool]     # checks a full response text to the same prompt
+
+
+def monte_carlo_labels(model, tok: Tokenizer, responses: Sequence[Response], rollouts: int, max_new_tokens: int,
+                       temperature: float = 1.0, seed: int = 0, generate_fn=generate) -> list[list[float]]:
+    """Math-Shepherd's soft labels, per response: step j's value is the fraction of `rollouts`
+    samples from the prefix ending at step j (its newline included) whose full text `is_right`;
+    the last step's value is the response's own correctness. One batched engine call for all
+    prefixes of all responses."""
+    prefixes, owners = [], []
+    for r in responses:
+        for j in range(len(r.steps) - 1):
+            prefixes.append(render_steps(tok, r.prompt_ids, r.steps[: j + 1], ended=False, last_complete=True).ids)
+            owners.append((r, j))
+    labels: list[list[float]] = [[] for _ in responses]
     if prefixes:
         end = tok.special(ASSISTANT_END)
         outs = generate_fn(model, prefixes, max_new_tokens, n=rollouts, temperature=temperature, stop_ids=[end],
                            seed=seed, truncate=True)
-        for j, samples in enumerate(outs):
-            head = "\n".join(steps[: j + 1]) + "\n"
-            right = [is_right(head + tok.decode([t for t in c.tokens if t != end])) for c in samples]
-            labels.append(sum(right) / len(right))
-    return labels + [float(correct)]
+        index = {id(r): i for i, r in enumerate(responses)}
+        for (r, j), samples in zip(owners, outs):
+            head = "\n".join(r.steps[: j + 1]) + "\n"
+            right = [r.is_right(head + tok.decode([t for t in c.tokens if t != end])) for c in samples]
+            labels[index[id(r)]].append(sum(right) / len(right))
+    return [lab + [float(r.correct)] for lab, r in zip(labels, responses)]
 
 
 def aggregate(step_probs: Sequence[float], how: str = "min") -> float:
@@ -217,6 +229,7 @@ def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, 
         prompts = [tok.render_prompt(messages) for _, messages, _ in chunk]
         outs = generate(policy, prompts, pc.max_new_tokens, n=pc.samples, temperature=pc.temperature,
                         stop_ids=[end], seed=pc.seed + c0, truncate=True)
+        new, new_rows, tasks_of = [], [], []
         for (prompt, _, check), prompt_ids, samples in zip(chunk, prompts, outs):
             if isinstance(check, world.Task):
                 def is_right(text, task=check):
@@ -224,7 +237,7 @@ def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, 
             else:
                 def is_right(text, answer=check):
                     return check_answer(text, answer)
-            for j, c in enumerate(samples):
+            for c in samples:
                 steps, _ = response_steps(tok.decode([t for t in c.tokens if t != end]))
                 if not steps:
                     skipped["empty_response"] += 1
@@ -233,14 +246,15 @@ def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, 
                     skipped["longer_than_context"] += 1
                     continue
                 correct = is_right("\n".join(steps))
-                if labels == "checker":
-                    step_labels = [bool(v) for v in checker_labels(check, steps)]
-                else:
-                    step_labels = monte_carlo_labels(policy, tok, prompt_ids, steps, correct, is_right,
-                                                     pc.mc_rollouts, pc.max_new_tokens, pc.temperature,
-                                                     seed=pc.seed + 7919 * (c0 + len(rows)) + j)
-                rows.append({"prompt": prompt, "completions": steps, "labels": step_labels, "outcome": correct,
-                             "ended": c.finished})
+                new.append(Response(prompt_ids, steps, correct, is_right))
+                tasks_of.append(check)
+                new_rows.append({"prompt": prompt, "completions": steps, "outcome": correct, "ended": c.finished})
+        if labels == "checker":
+            step_labels = [[bool(v) for v in checker_labels(row_task, r.steps)] for r, row_task in zip(new, tasks_of)]
+        else:
+            step_labels = monte_carlo_labels(policy, tok, new, pc.mc_rollouts, pc.max_new_tokens, pc.temperature,
+                                             seed=pc.seed + 7919 * (c0 + 1))
+        rows += [{**row, "labels": lab} for row, lab in zip(new_rows, step_labels)]
         bar.update(len(chunk))
     bar.close()
     return rows, {f"data/skipped/{k}": v for k, v in skipped.items() if v}
@@ -253,6 +267,7 @@ class Example:
     labels: list[float]      # per step
     outcome: float           # the final answer's correctness (the ORM's label, read at the last token)
     held_out: bool
+    prompt: str = ""         # the prompt, as a key (responses to one prompt are compared with each other)
 
 
 def make_examples(tok: Tokenizer, rows: list[dict], block_size: int, eval_fraction: float) -> tuple[list[Example], int]:
@@ -267,7 +282,7 @@ def make_examples(tok: Tokenizer, rows: list[dict], block_size: int, eval_fracti
             continue
         key = json.dumps(r["prompt"]) if not isinstance(r["prompt"], str) else r["prompt"]
         out.append(Example(np.asarray(rendered.ids, dtype=np.int64), rendered.ends, [float(v) for v in r["labels"]],
-                           float(r["outcome"]), _split_of(key, eval_fraction)))
+                           float(r["outcome"]), _split_of(key, eval_fraction), key))
     return out, too_long
 
 
@@ -293,8 +308,10 @@ def get_batch(examples: list[Example], outcome: bool, batch_size: int, seed: int
 
 
 def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_size: int) -> dict:
-    """Held-out figures: the PRM's step accuracy and AUROC against the step labels, and how well
-    each verifier ranks right above wrong responses (AUROC against the outcome)."""
+    """Held-out figures: the PRM's step accuracy and AUROC against the step labels, how well each
+    verifier ranks right above wrong responses (AUROC against the outcome), and best-of-k: the
+    share of held-out prompts whose top-scored response (of the k sampled) is right, beside
+    pass@k (some response is right) and `eval/outcome_mean` (a random pick)."""
     if not examples:
         return {}
     prm.eval()
@@ -303,6 +320,11 @@ def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_
     step_probs = [[1 / (1 + math.exp(-v)) for v in vals]
                   for vals in head_logits(prm, seqs, [ex.ends for ex in examples], batch_size)]
     orm_scores = [vals[0] for vals in head_logits(orm, seqs, [[len(s) - 1] for s in seqs], batch_size)]
+    prm_scores = [aggregate(ps, "min") for ps in step_probs]
+    # what best-of-N needs: among one prompt's responses, is the top-scored one right?
+    by_prompt: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_prompt.setdefault(ex.prompt, []).append(i)
     flat_p = [p for ps in step_probs for p in ps]
     flat_y = [y for ex in examples for y in ex.labels]
     outcomes = [ex.outcome for ex in examples]
@@ -312,10 +334,16 @@ def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_
         "eval/outcome_mean": sum(outcomes) / len(outcomes),
         "prm/eval/step_accuracy": sum((p > 0.5) == (y > 0.5) for p, y in zip(flat_p, flat_y)) / len(flat_y),
         "prm/eval/step_auroc": auroc(flat_p, flat_y),
-        "prm/eval/outcome_auroc": auroc([aggregate(ps, "min") for ps in step_probs], outcomes),
+        "prm/eval/outcome_auroc": auroc(prm_scores, outcomes),
         "prm/eval/outcome_auroc_product": auroc([aggregate(ps, "product") for ps in step_probs], outcomes),
         "orm/eval/outcome_auroc": auroc(orm_scores, outcomes),
         "orm/eval/outcome_accuracy": sum((s > 0) == (y > 0.5) for s, y in zip(orm_scores, outcomes)) / len(outcomes),
+        "eval/prompts": len(by_prompt),
+        "eval/pass@k": sum(any(outcomes[i] > 0.5 for i in rows) for rows in by_prompt.values()) / len(by_prompt),
+        "prm/eval/best_of_k": sum(outcomes[max(rows, key=lambda i: prm_scores[i])] > 0.5
+                                  for rows in by_prompt.values()) / len(by_prompt),
+        "orm/eval/best_of_k": sum(outcomes[max(rows, key=lambda i: orm_scores[i])] > 0.5
+                                  for rows in by_prompt.values()) / len(by_prompt),
     }
     return {k: v for k, v in figures.items() if v is not None}
 

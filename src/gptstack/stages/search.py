@@ -22,10 +22,11 @@ prompt gets the tokens best-of-N spent on it at that N (the mean over its groups
 each of the N // expand kept beams `expand` children of one step (sampled up to a newline or
 <|assistant_end|>, at most `step_tokens` tokens), scores every child by the PRM over its complete
 steps, sets finished ones aside and keeps the best unfinished ones. A beam that can no longer beat
-the best finished one (the min and the product only fall as steps are added) is pruned. Each
-round is planned so that children x their token cap fit the remaining budget (`plan_round`), so the
-search can never exceed it; `tokens["prm_search"]` is what it actually generated. The answer is
-the finished beam with the best score.
+the best finished one (the min and the product only fall as steps are added) is pruned; when no beam
+is left and a full round's budget is, the search starts again from the root. Each round is
+planned so that children x their token cap fit the remaining budget (`plan_round`), so the search
+can never exceed it; `tokens["prm_search"]` is what it actually generated. The answer is the
+finished beam with the best score.
 
 Writes RUN/search/summary.json (the keys above, plus `oracle` = pass@N, `accuracy_ci95`, paired
 win/loss counts between methods) and picks.jsonl (every method's pick at the largest N, to read).
@@ -198,6 +199,10 @@ def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: l
         # --- plan: which beams get how many children, of how many tokens at most -----------------
         requests = []  # (prompt, beam, children, cap)
         for p, beams in enumerate(active):
+            if not beams and budgets[p] - used[p] >= expand * sc.step_tokens:
+                # every beam finished or was pruned with a full round's budget left: search again
+                # from the root (new samples); the best finished score still prunes the new beams
+                beams = active[p] = [Beam([])]
             counts, cap = plan_round(len(beams), expand, budgets[p] - used[p], sc.step_tokens)
             for beam, k in zip(beams, counts):
                 room = min(cap, sc.max_new_tokens - len(beam.tokens), ctx + 1 - len(prompts[p]) - len(beam.tokens))
@@ -233,7 +238,7 @@ def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: l
                 text = tok.decode([t for t in child.tokens if t != end])
                 r = render_response(tok, prompts[p], text, child.ended)
                 child.score, child.complete = parent.score, parent.complete
-                if r.complete > parent.complete:
+                if r.complete > parent.complete or child.ended:  # an ended one is read at <|assistant_end|>
                     to_score.append((child, r))
                 unique.append(child)
             children[p] = unique
