@@ -152,6 +152,13 @@ def test_auroc_known_values():
     assert prm.auroc([0.1, 0.4, 0.6, 0.7], [0, 1, 0, 1]) == 0.75
     assert prm.auroc([0.3, 0.3, 0.1], [1, 0, 0]) == 0.75  # the tie counts one half
     assert prm.auroc([0.1, 0.2], [1, 1]) is None
+    # within prompts only: prompt "a" ranks its pair right, prompt "b" wrong -> 1/2; the overall AUROC
+    # also counts the pairs across prompts (0.9 > 0.6, 0.5 > 0.2) -> 3/4
+    scores, labels = [0.9, 0.2, 0.5, 0.6], [1, 0, 1, 0]
+    assert prm.within_group_auroc(scores, labels, ["a", "a", "b", "b"]) == 0.5
+    assert prm.auroc(scores, labels) == 0.75
+    assert prm.within_group_auroc([0.9, 0.8, 0.3], [1, 0, 1], ["a", "a", "b"]) == 1.0
+    assert prm.within_group_auroc([0.9, 0.3], [1, 0], ["a", "b"]) is None
 
 
 # --- TRL stepwise rows ----------------------------------------------------------------------------

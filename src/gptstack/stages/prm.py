@@ -184,6 +184,24 @@ def auroc(scores: Sequence[float], labels: Sequence[float]) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def within_group_auroc(scores: Sequence[float], labels: Sequence[float], groups: Sequence[object]) -> float | None:
+    """AUROC over (positive, negative) pairs of the same group only: how well a verifier ranks right
+    above wrong responses to one prompt, which is what best-of-N needs (an AUROC over all pairs
+    also rewards telling easy prompts from hard ones). None without such a pair."""
+    by: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    wins = pairs = 0.0
+    for rows in by.values():
+        pos = [scores[i] for i in rows if labels[i] > 0.5]
+        neg = [scores[i] for i in rows if labels[i] <= 0.5]
+        for a in pos:
+            for b in neg:
+                wins += (a > b) + 0.5 * (a == b)
+        pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else None
+
+
 @torch.no_grad()
 def head_logits(model: ScalarModel, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                 batch_size: int = 64) -> list[list[float]]:
@@ -309,7 +327,8 @@ def get_batch(examples: list[Example], outcome: bool, batch_size: int, seed: int
 
 def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_size: int) -> dict:
     """Held-out figures: the PRM's step accuracy and AUROC against the step labels, how well each
-    verifier ranks right above wrong responses (AUROC against the outcome), and best-of-k: the
+    verifier ranks right above wrong responses (AUROC against the outcome, over all pairs and over
+    pairs of responses to the same prompt), and best-of-k: the
     share of held-out prompts whose top-scored response (of the k sampled) is right, beside
     pass@k (some response is right) and `eval/outcome_mean` (a random pick)."""
     if not examples:
@@ -337,6 +356,8 @@ def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_
         "prm/eval/outcome_auroc": auroc(prm_scores, outcomes),
         "prm/eval/outcome_auroc_product": auroc([aggregate(ps, "product") for ps in step_probs], outcomes),
         "orm/eval/outcome_auroc": auroc(orm_scores, outcomes),
+        "prm/eval/within_prompt_auroc": within_group_auroc(prm_scores, outcomes, [ex.prompt for ex in examples]),
+        "orm/eval/within_prompt_auroc": within_group_auroc(orm_scores, outcomes, [ex.prompt for ex in examples]),
         "orm/eval/outcome_accuracy": sum((s > 0) == (y > 0.5) for s, y in zip(orm_scores, outcomes)) / len(outcomes),
         "eval/prompts": len(by_prompt),
         "eval/pass@k": sum(any(outcomes[i] > 0.5 for i in rows) for rows in by_prompt.values()) / len(by_prompt),
