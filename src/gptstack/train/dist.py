@@ -50,7 +50,9 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        # shard each transformer block of every GPT inside (a policy, a scalar head's trunk, a critic)
+        from ..model.gpt import Block
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block)
         fully_shard(model)
         return model
