@@ -22,6 +22,17 @@ and, last, the ratio of medians of samples per second (gptstack / TRL) per algor
 
 A side that cannot run (a gptstack command not written yet) is reported and its ratio is nan.
 
+Equal: weights (checked logit- and reward-exact through HF), prompts (the same rendered ids),
+batch, epochs, minibatches, response length, T = 1 with no top-k/top-p, fp32, threads, KL
+coefficient (0.05 PPO, 0 GRPO), no gradient checkpointing. Not equal, by each side's design:
+TRL generates exactly 64 tokens (PPO: no stop token; GRPO: min_new_tokens = 64), gptstack stops
+a row at <|assistant_end|> (a random model ends ~1 row in 8 early; a batch still runs 64 steps);
+TRL PPO takes the old logprobs from generation, gptstack recomputes them with one forward; TRL
+GRPO with beta = 0 and one iteration skips the reference and old-logprob forwards; TRL calls
+gc.collect() twice per PPO update; TRL's interval includes its per-update logging, gptstack's
+`time/update_s` ends at the last optimizer step. On a random model the gold reward is 0 for
+every completion, so GRPO's advantages are 0: both sides still run the full forward and backward.
+
 Run: python bench/bench_rl.py [--rounds 3] [--updates 8] [--warmup 2] [--algos ppo,grpo] [--threads N]
      python bench/bench_rl.py --setup-only      # create the TRL venvs (timed) and the fixture, no timing
      python bench/bench_rl.py --phases          # where an update's time goes, per phase, both sides
