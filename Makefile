@@ -16,17 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# The default job on the embedded default: pretrain the tiny recipe (tokenizer, world corpus,
-# ~1M-parameter model), fine-tune it on world demonstrations with the base model's few-shot
-# figures beside the result's, then show the tokenizer and talk to the model (~13 min on 2 cores).
+# The default job on the embedded default: the whole pipeline on the tiny recipe (gptstack run:
+# tokenizer, pretraining, SFT, comparisons, reward model, best-of-N, PPO, the over-optimization
+# study, GRPO, DPO, PRM + search; resumable), its report card (RUN/report.md, RUN/report.html),
+# then the tokenizer's view of a chat and two chat turns with the fine-tuned model.
 demo: install
-	$(VENV)/bin/gptstack pretrain --out $(RUN)
-	$(VENV)/bin/gptstack sft --from $(RUN)/pretrain --out $(RUN)
-	echo "What is 17 + 25 - 8? The answer is 34." | $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer
+	$(VENV)/bin/gptstack run --out $(RUN)
 	printf '%s\n' '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42.\nThe answer is 42."}]' \
 		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer --chat
-	$(VENV)/bin/gptstack sample $(RUN)/pretrain --max-new-tokens 80 --prompt "ROMEO:"
-	printf 'Which is larger, 58 or 85?\nReverse the list 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN) --temperature 0
+	printf 'Which is larger, 58 or 85?\nReverse the list 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN)/sft --temperature 0
 
 # The whole suite, slow end-to-end runs included (pytest's exit 5, "no tests collected", is not a failure).
 test: install
