@@ -102,6 +102,8 @@ def test_bon_stage_summary_and_picks(tmp_path, tok):
     samples = [json.loads(line) for line in (run / "bon" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and all(s["best_proxy"] >= s["first_proxy"] for s in samples)
     assert json.loads((run / "bon" / "summary.json").read_text())["by_n"] == summary["by_n"]
+    lines = [json.loads(line) for line in (run / "bon" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 4, 8] and lines[1]["bon/gold"] == summary["by_n"][1]["gold"]
     # the same config again: the finished stage is not redone
     assert bon.run(build_config("tiny", sets=SMALL), run / "sft", run / "rm", run)["wall_seconds"] == summary["wall_seconds"]
 
@@ -117,3 +119,11 @@ def test_bon_refuses_an_rm_of_another_tokenizer_and_bad_n(tmp_path, tok):
     with pytest.raises(UserError, match="expected a reward model, found a language model"):
         bon.run(build_config("tiny", sets=SMALL), run / "sft", run / "sft", run)
     assert not (run / "bon").exists()
+
+
+def test_a_finished_run_is_redone_when_the_rm_changes(tmp_path, tok):
+    run = make_run(tmp_path / "run", tok)
+    first = bon.run(build_config("tiny", sets=SMALL), run / "sft", run / "rm", run)
+    make_run(tmp_path / "run", tok, seed=1)  # another policy and RM in the same places
+    again = bon.run(build_config("tiny", sets=SMALL), run / "sft", run / "rm", run)
+    assert again["inputs/rm_sha256"] != first["inputs/rm_sha256"] and again["wall_seconds"] != first["wall_seconds"]

@@ -113,3 +113,15 @@ def test_cli_prefs_and_export_routes(tmp_path, monkeypatch):
 
     assert main(["prefs", "export", str(tmp_path), "--out", str(tmp_path / "x.jsonl"), "--kwise"]) == 0
     assert calls == [(str(tmp_path), str(tmp_path / "x.jsonl"), True)]
+
+
+def test_samples_do_not_depend_on_the_batch_size(run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run / "sft", other / "sft")
+    shutil.copytree(run / "tokenizer", other / "tokenizer")
+    a = prefs.run(build_config("tiny", sets=[*SMALL, "prefs.batch_size=2"]), other / "sft", other / "a")
+    first = (other / "a" / "prefs" / "prefs.jsonl").read_text()
+    b = prefs.run(build_config("tiny", sets=[*SMALL, "prefs.batch_size=7"]), other / "sft", other / "b")
+    assert (other / "b" / "prefs" / "prefs.jsonl").read_text() == first and a["prefs/rows"] == b["prefs/rows"]

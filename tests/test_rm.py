@@ -255,6 +255,7 @@ def test_world_rows_give_the_world_figures(tmp_path, tok):
         assert isinstance(summary[key], float), key
     assert summary["eval/labeler_gold_agreement"] == 1.0  # these labels always put the right answer first
     assert summary["policy/n_prompts"] == summary["eval/prompts"]
+    assert 0 <= summary["policy/logprob_correct_vs_wrong_accuracy"] <= 1
 
 
 def hh_rows(n):
@@ -302,3 +303,18 @@ def test_bad_input_stops_before_training(tmp_path, tok):
     with pytest.raises(UserError, match="0 training and 0 held-out prompts with a comparison"):
         rm_stage.run(build_config("tiny", sets=SMALL), run / "sft", only_same, run)
     assert not (run / "rm").exists()
+
+
+def test_likelihood_scores_are_the_policys_mean_logprob_per_token(tok):
+    torch.manual_seed(0)
+    cfg = build_config("tiny", sets=SMALL)
+    cfg.model.vocab_size = tok.vocab_size
+    policy = GPT(cfg.model).eval()
+    row = {"prompt": [{"role": "user", "content": "what is 2 + 3?"}], "responses": ["The answer is 5.", "no"],
+           "ranking": [0, 1], "ended": [True, False]}
+    (got,) = rm_stage.likelihood_scores(policy, tok, [{"row": row}])
+    p = tok.render_prompt(row["prompt"])
+    for value, r in zip(got, [tok.encode("The answer is 5.") + [tok.special(ASSISTANT_END)], tok.encode("no")]):
+        logp = torch.log_softmax(policy(torch.tensor([p + r]))[0], -1)
+        manual = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r)) / len(r)
+        assert value == pytest.approx(manual, abs=1e-5)

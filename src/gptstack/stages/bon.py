@@ -10,19 +10,21 @@ proxy (RM) score, gold reward and correctness are averaged over subsets and prom
 disjoint subsets rather than taking only the first n is the same expectation with less variance
 (at n = 1 it is the mean over all N samples).
 
-The KL of best-of-n to the policy is the analytic KL_bon = log n - (n - 1)/n (Stiennon et al. 2020,
-exact for distinct samples), d = sqrt(KL_bon), and gold is fitted as in Gao et al. (2023):
+The KL of best-of-n to the policy is the analytic KL_bon = log n - (n - 1)/n (Stiennon et al. 2020;
+an upper bound, tight when the samples are distinct: Beirami et al. 2024), d = sqrt(KL_bon), and
+gold is fitted as in Gao et al. (2023):
 
     gold(n) - gold(1) = d (alpha - beta d)      least squares over the n > 1 points, with R^2
 
 Gao et al.'s forms pass through the origin: they model the *gain* over the initial policy (d = 0 is
 the policy itself), so the fit is of gold minus its n = 1 value, and R^2 is taken over the n > 1
 points (n = 1 is the origin by construction and would only flatter R^2). The RM and the policy must
-share a tokenizer (checked). Writes RUN/bon: summary.json (by_n, fit/*) and samples.jsonl (per
-prompt the first sample and the best of N, to look at).
+share a tokenizer (checked). Writes RUN/bon: summary.json (by_n, fit/*), metrics.jsonl (one line
+per n, "step" = n) and samples.jsonl (per prompt the first sample and the best of N, to look at).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -39,9 +41,11 @@ from ..model.heads import load_scalar_model
 from ..tokenizer import ASSISTANT_END
 from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage
 from ..train.dist import print0
+from ..train.metrics import MetricsLogger
 from .rm import score_texts
 
 STAGE = "bon"
+BLOCK = 32  # prompts per generate call (a progress-bar step)
 
 
 def kl_bon(n: int) -> float:
@@ -79,6 +83,15 @@ def best_of_n_table(ns: list[int], proxy: np.ndarray, gold: np.ndarray, correct:
     return rows
 
 
+def weights_digest(stage_dir: Path) -> str:
+    """sha256 of a stage's weights: a finished run is reused only for the same policy and RM."""
+    h = hashlib.sha256()
+    with open(Path(stage_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path, fresh: bool = False) -> dict:
     t_start = time.perf_counter()
     bc = cfg.bon
@@ -94,10 +107,13 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     rm, _ = load_scalar_model(rm_dir, "reward")
     check_vocab(rm.config.vocab_size, tok, rm_dir)
     cfg.model = policy_cfg.model
-    if (stage_dir / "summary.json").exists() and not fresh and (stage_dir / "config.json").exists() \
-            and json.loads((stage_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict())):
-        print0(f"bon: {stage_dir} is done with this config (--fresh to run again)")
-        return json.loads((stage_dir / "summary.json").read_text())
+    inputs = {"inputs/policy_sha256": weights_digest(policy_dir), "inputs/rm_sha256": weights_digest(rm_dir)}
+    if (stage_dir / "summary.json").exists() and not fresh and (stage_dir / "config.json").exists():
+        done = json.loads((stage_dir / "summary.json").read_text())
+        same_config = json.loads((stage_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+        if same_config and all(done.get(k) == v for k, v in inputs.items()):
+            print0(f"bon: {stage_dir} is done with this config, policy and RM (--fresh to run again)")
+            return done
 
     tasks = world.eval_set(cfg.world)
     tasks = tasks[: bc.prompts] if bc.prompts else tasks
@@ -113,11 +129,12 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     policy.eval()
     bar = tqdm(total=len(tasks) * N, desc=f"bon: sample {N} per prompt", unit="sample", dynamic_ncols=True,
                mininterval=1.0)
-    for c0 in range(0, len(tasks), bc.batch_size):
-        prompts = [tok.render_prompt(m) for m in messages[c0 : c0 + bc.batch_size]]
-        # one seed per chunk: the engine's streams are keyed by the index within a call
+    for c0 in range(0, len(tasks), BLOCK):
+        prompts = [tok.render_prompt(m) for m in messages[c0 : c0 + BLOCK]]
+        # the engine keys its random streams by the index within a call: a seed per fixed block of
+        # prompts keeps the samples independent of bon.batch_size
         for completions in generate(policy, prompts, bc.max_new_tokens, n=N, temperature=bc.temperature,
-                                    stop_ids=[end], seed=stream_seed(bc.seed, c0, 1 << 20)):
+                                    stop_ids=[end], seed=stream_seed(bc.seed, c0, 1 << 20), batch_size=bc.batch_size):
             texts.append([tok.decode([x for x in c.tokens if x != end]).strip() for c in completions])
             ended.append([c.finished for c in completions])
             bar.update(N)
@@ -139,7 +156,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     summary = {"by_n": by_n, "fit/alpha": alpha, "fit/beta": beta, "fit/r2": r2,
                "fit/target": "gold(n) - gold(1) = d (alpha - beta d), least squares over n > 1",
                "gold/n1": base, "proxy/n1": float(proxy.mean()), "prompts": len(tasks), "samples_per_prompt": N,
-               "wall_seconds": time.perf_counter() - t_start}
+               **inputs, "wall_seconds": time.perf_counter() - t_start}
 
     best = pick_best(proxy, N)[:, 0]
     atomic_write_text(stage_dir / "samples.jsonl", "".join(json.dumps({
@@ -148,6 +165,10 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
         "best_proxy": proxy[i, best[i]]}) + "\n" for i, t in enumerate(tasks)))
     atomic_write_json(stage_dir / "config.json", cfg.to_dict())
     atomic_write_json(stage_dir / "summary.json", summary)
+    metrics = MetricsLogger(stage_dir)  # one line per n ("step" = n), for plots against n
+    for r in by_n:
+        metrics.log(r["n"], **{f"bon/{k}": r[k] for k in ("kl", "d", "proxy", "gold", "accuracy")})
+    metrics.close()
     for r in by_n:
         print0(f"bon: n={r['n']:>3}  d={r['d']:.2f}  proxy {r['proxy']:+.3f}  gold {r['gold']:.3f}  "
                f"accuracy {r['accuracy']:.1%}")

@@ -35,6 +35,7 @@ from ..config import Config
 from ..train.dist import print0
 
 STAGE = "prefs"
+BLOCK = 256  # prompts per generate call (a progress-bar step)
 
 
 def distinct_responses(texts: list[str], ended: list[bool]) -> tuple[list[int], int, int]:
@@ -65,12 +66,13 @@ def collect(policy, tok, cfg: Config) -> tuple[list[dict], dict]:
     rows, counts = [], {"prefs/duplicates": 0, "prefs/empty": 0, "prefs/skipped/fewer_than_2_distinct": 0}
     policy.eval()
     bar = tqdm(total=len(tasks), desc="prefs", unit="prompt", dynamic_ncols=True, mininterval=1.0)
-    for c0 in range(0, len(tasks), pc.batch_size):
-        chunk = tasks[c0 : c0 + pc.batch_size]
+    for c0 in range(0, len(tasks), BLOCK):
+        chunk = tasks[c0 : c0 + BLOCK]
         prompts = [tok.render_prompt([{"role": "user", "content": t.prompt}]) for t in chunk]
-        # one seed per chunk: the engine's streams are keyed by the index within a call
+        # the engine keys its random streams by the index within a call: a seed per fixed block of
+        # prompts keeps the samples independent of prefs.batch_size
         samples = generate(policy, prompts, pc.max_new_tokens, n=pc.k, temperature=pc.temperature, stop_ids=[end],
-                           seed=stream_seed(pc.seed, c0, 1 << 20))
+                           seed=stream_seed(pc.seed, c0, 1 << 20), batch_size=pc.batch_size)
         for i, (task, completions) in enumerate(zip(chunk, samples), start=c0):
             texts = [tok.decode([x for x in c.tokens if x != end]).strip() for c in completions]
             ended = [c.finished for c in completions]

@@ -27,6 +27,8 @@ both sides) is held out. On it, summary.json reports (DESIGN.md):
                                    does: the ceiling the labels themselves set
   policy/accuracy                  the SFT policy's own greedy accuracy on the same prompts: the
                                    generator side of the generator–discriminator gap
+  policy/logprob_correct_vs_wrong_accuracy   the same pairs judged by the policy's own mean
+                                   log-likelihood per token, a discriminator needing no training
 Finally the reward is normalised (folded into the head) so the SFT policy's responses (one sample
 at T = 1 for each of rm.norm_prompts training prompts) score mean 0, std 1. Writes RUN/rm.
 """
@@ -260,7 +262,9 @@ def preference_metrics(rows: list[dict], scores: list[list[float]], correct: lis
         if gold is not None:
             all_scores += s
             all_gold += gold
-    out = {"eval/accuracy": agree / pairs if pairs else None, "eval/pairs": int(pairs)}
+    out = {"eval/accuracy": agree / pairs if pairs else None, "eval/pairs": int(pairs),
+           # pairs taken as independent (they are not within a K-wise prompt: read it as a rough guide)
+           "eval/accuracy_ci95": wilson_interval(agree, int(pairs))}
     # with world prompts the ground-truth keys are always there (null when no pair qualifies), so
     # summary.json keeps DESIGN.md's keys even on a tiny held-out set
     world_rows = any(ok is not None for ok in correct) or bool(all_gold)
@@ -288,6 +292,29 @@ def policy_accuracy(policy, tok: Tokenizer, tasks: list, max_new_tokens: int) ->
             "policy/n_prompts": len(tasks)}
 
 
+@torch.inference_mode()
+def likelihood_scores(policy, tok: Tokenizer, items: list[dict]) -> list[list[float]]:
+    """Per response, the SFT policy's mean log-probability per token: a discriminator with no
+    training at all (the generator's own knowledge), to read the RM's figures against."""
+    from ..eval.protocol import sequence_logprobs  # noqa: PLC0415
+
+    prompts, responses, shape = [], [], []
+    for x in items:
+        row = x["row"]
+        ended = row.get("ended") or [True] * len(row["responses"])
+        p = tok.render_prompt(row["prompt"])
+        for r, e in zip(row["responses"], ended):
+            prompts.append(p)
+            responses.append(tok.encode(r) + ([tok.special(ASSISTANT_END)] if e else []))
+        shape.append(len(row["responses"]))
+    flat = [lp / max(len(r), 1) for lp, r in zip(sequence_logprobs(policy.eval(), prompts, responses), responses)]
+    out, k = [], 0
+    for n in shape:
+        out.append(flat[k : k + n])
+        k += n
+    return out
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -299,7 +326,8 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.fsdp:
-        raise UserError("rm.fsdp: FSDP is not supported for the reward model; use DDP (the default under torchrun)")
+        raise UserError("rm.fsdp: not supported for the reward model (its held-out evaluation and normalisation run "
+                        "on rank 0 alone, which a sharded model cannot); use DDP, the default under torchrun")
     if not 0 < tc.eval_fraction < 1:
         raise UserError(f"rm.eval_fraction: expected a fraction in (0, 1), got {tc.eval_fraction}")
     source, run_dir = Path(source), Path(out)
@@ -398,6 +426,9 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         world_tasks = [t for t in tasks if t is not None]
         if world_tasks:
             figures.update(policy_accuracy(policy, tok, world_tasks, tc.max_new_tokens))
+            likelihood = preference_metrics([x["row"] for x in held], likelihood_scores(policy, tok, held), correct)
+            if "eval/correct_vs_wrong_accuracy" in likelihood:
+                figures["policy/logprob_correct_vs_wrong_accuracy"] = likelihood["eval/correct_vs_wrong_accuracy"]
         mean, std = normalization(rm, policy, tok, [x["row"]["prompt"] for x in train], tc, cfg.rm.seed)
         rm.normalize(mean, std)
         rm.train()
