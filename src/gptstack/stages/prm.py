@@ -393,16 +393,7 @@ def _train(cfg: Config, model: ScalarModel, stage_dir: Path, state, examples: li
         logits = session.step_model(x.to(info.device))
         return F.binary_cross_entropy_with_logits(logits[mask.to(info.device)], target.to(info.device)[mask])
 
-    for step in session.steps():
-        result = session.step(step, lambda micro: micro_loss(step, micro))
-        if result is None:
-            continue
-        lr, loss, grad_norm = result
-        done = step + 1
-        if done % pc.log_every == 0 or done == pc.max_steps:
-            session.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
-        if pc.checkpoint_every and done % pc.checkpoint_every == 0 and done != pc.max_steps:
-            session.checkpoint(done)
+    session.run_steps(micro_loss)
     return session
 
 

@@ -393,20 +393,11 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         return bradley_terry_loss(sequence_scores(session.step_model, seqs), groups)
 
     # --- train -------------------------------------------------------------------------------------
-    loss = None
-    for step in session.steps():
-        result = session.step(step, lambda micro: micro_loss(step, micro))
-        if result is None:
-            continue
-        lr, loss, grad_norm = result
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            session.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
-        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main:
-            figures = preference_metrics([x["row"] for x in held], held_out_scores(), [None] * len(held))
-            session.log(done, **{"eval/accuracy": figures["eval/accuracy"]})
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
-            session.checkpoint(done)
+    def evaluate() -> dict:
+        figures = preference_metrics([x["row"] for x in held], held_out_scores(), [None] * len(held))
+        return {"eval/accuracy": figures["eval/accuracy"]}
+
+    loss = session.run_steps(micro_loss, evaluate)
     if session.stopped_early():
         cleanup(info)
         return {"stopped_at": session.last_step}

@@ -120,21 +120,11 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         x, y = get_batch(rendered, tc.batch_size, tc.seed, step, micro, info.rank, info.world)
         return session.step_model(x.to(info.device), y.to(info.device))
 
-    loss = None  # stays None when a finished run is resumed (no step left to take)
-    for step in session.steps():
-        result = session.step(step, lambda micro: micro_loss(step, micro))
-        if result is None:
-            continue
-        lr, loss, grad_norm = result
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            session.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
-        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main:
-            figures, _ = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval)
-            model.train()
-            session.log(done, **{k: v for k, v in figures.items() if isinstance(v, float)})
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
-            session.checkpoint(done)
+    def evaluate() -> dict:
+        figures, _ = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval)
+        return {k: v for k, v in figures.items() if isinstance(v, float)}
+
+    loss = session.run_steps(micro_loss, evaluate)
     if session.stopped_early():
         cleanup(info)
         return {"stopped_at": session.last_step}

@@ -140,6 +140,28 @@ class Session:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, float(grad_norm)
 
+    def run_steps(self, micro_loss: Callable[[int, int], torch.Tensor],
+                  evaluate: Callable[[], dict] | None = None) -> float | None:
+        """The plain training loop most stages share: micro_loss(step, micro) per micro-batch;
+        train/loss, train/lr and train/grad_norm every log_every steps; `evaluate()` (rank 0, its
+        dict logged) every eval_every steps; a checkpoint every checkpoint_every steps.
+        -> the last step's loss (None when a finished run is resumed: no step left to take)."""
+        tc, loss = self.tc, None
+        for step in self.steps():
+            result = self.step(step, lambda micro, step=step: micro_loss(step, micro))
+            if result is None:
+                continue
+            lr, loss, grad_norm = result
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                self.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
+            if evaluate and tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and self.info.is_main:
+                self.log(done, **evaluate())
+                self.model.train()
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
+                self.checkpoint(done)
+        return loss
+
     def seconds_since_last_log(self) -> float:
         now = time.perf_counter()
         dt, self._t_last = now - self._t_last, now
