@@ -150,15 +150,9 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         f"{prefix}/n_prompts": n,
     }
     if reward_model is not None:  # the proxy's view of the same T = 1 samples (RL stages: eval/proxy_score)
-        from ..engine.rollout import make_batch
-        flat = [(p, c) for p, samples in zip(prompts, sampled) for c in samples]
-        scores = []
-        for i in range(0, len(flat), cfg.batch_size):
-            chunk = flat[i : i + cfg.batch_size]
-            batch = make_batch([p for p, _ in chunk], [c.tokens for _, c in chunk], range(len(chunk)),
-                               [c.finished for _, c in chunk]).to(next(reward_model.parameters()).device)
-            with torch.no_grad():
-                scores += reward_model.score(batch.ids, pad_mask=batch.pad_mask).tolist()
+        from ..model.heads import score_ids
+        scores = score_ids(reward_model, [p + c.tokens for p, samples in zip(prompts, sampled) for c in samples],
+                           cfg.batch_size)
         out[f"{prefix}/proxy_score"] = sum(scores) / len(scores)
     if reference_model is None:
         out[f"{prefix}/kl_to_sft"] = 0.0

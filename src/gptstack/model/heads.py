@@ -88,6 +88,38 @@ def gather_last(values: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Te
     return values.gather(1, idx[:, None]).squeeze(1)
 
 
+def pad_sequences(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids, pad_mask), right-padded with 0. Causal attention never lets a real token see the
+    pads after it, so the trunk runs without a mask and the score is gathered at the last real token."""
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
+    """(B,) reward of each token sequence (differentiable; `model` may be DDP-wrapped)."""
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences(seqs, device)
+    return gather_last(model(ids), mask)
+
+
+@torch.inference_mode()
+def score_ids(rm: ScalarModel, seqs: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Rewards of rendered sequences, batched by similar length (order kept)."""
+    rm.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for c in range(0, len(order), batch_size):
+        idx = order[c : c + batch_size]
+        for i, s in zip(idx, sequence_scores(rm, [seqs[i] for i in idx]).tolist()):
+            out[i] = s
+    return out
+
+
 def save_scalar_model(stage_dir: str | Path, model: ScalarModel, config: dict, state_dict: dict | None = None) -> None:
     """model.safetensors (with the head's kind in its metadata) + config.json."""
     from ..train.checkpoint import save_model

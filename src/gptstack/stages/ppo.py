@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from .. import world
-from ..common import UserError, atomic_write_json, atomic_write_text
+from ..common import UserError, atomic_write_text
 from ..config import Config, RLConfig
+from ..data.corpus import get_batch
 from ..engine.rollout import Batch, rollout, token_logprobs, token_values
 from ..eval import protocol
 from ..model.heads import ScalarModel, load_scalar_model
@@ -74,6 +75,11 @@ class Item:
     answer: str | None = None       # verifiable files (GSM8K): the reference answer
 
 
+def update_seed(tc: RLConfig, update: int, rank: int) -> int:
+    """Every random draw of an update derives from (prompt_seed, update, rank): resume is exact."""
+    return (tc.prompt_seed * 1_000_003 + update) * 101 + rank
+
+
 class Prompts:
     """Training prompts, drawn per (update, rank): world tasks by default, or a prompt file's rows."""
 
@@ -96,9 +102,9 @@ class Prompts:
     def draw(self, update: int, rank: int) -> list[Item]:
         n = self.tc.prompts_per_update
         if self.items is None:
-            tasks = world.train_tasks(n, seed=(self.tc.prompt_seed * 1_000_003 + update) * 101 + rank, config=self.cfg.world)
+            tasks = world.train_tasks(n, seed=update_seed(self.tc, update, rank), config=self.cfg.world)
             return [Item([{"role": "user", "content": t.prompt}], t) for t in tasks]
-        g = torch.Generator().manual_seed((self.tc.prompt_seed * 1_000_003 + update) * 101 + rank)
+        g = torch.Generator().manual_seed(update_seed(self.tc, update, rank))
         return [self.items[i] for i in torch.randint(len(self.items), (n,), generator=g).tolist()]
 
 
@@ -175,7 +181,8 @@ class Experience:
 
 
 def seed_of(tc: RLConfig, update: int, rank: int, what: int) -> int:
-    return ((tc.prompt_seed * 1_000_003 + update) * 101 + rank) * 7 + what
+    """The seed of one random draw of an update (0: rollouts, 1 + epoch: minibatch order)."""
+    return update_seed(tc, update, rank) * 7 + what
 
 
 @torch.no_grad()
@@ -474,7 +481,6 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             part = mb[micro * session_tc.batch_size : (micro + 1) * session_tc.batch_size].to(device)
             ptx = None
             if ptx_tokens is not None:
-                from ..data.corpus import get_batch
                 x, y = get_batch(ptx_tokens, tc.ptx_batch_size, cfg.model.block_size, tc.seed, step, micro,
                                  info.rank, info.world)
                 ptx = (x.to(device), y.to(device))

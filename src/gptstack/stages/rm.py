@@ -51,7 +51,7 @@ from ..common import UserError
 from ..config import Config
 from ..data.formats import read_dataset
 from ..eval.protocol import wilson_interval
-from ..model.heads import ScalarModel, gather_last
+from ..model.heads import ScalarModel, score_ids, sequence_scores
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train.checkpoint import load_stage
 from ..train.dist import cleanup, init_distributed, print0
@@ -131,38 +131,6 @@ def render_for_rm(tok: Tokenizer, prompt, response, ended: bool, block_size: int
     r = tok.encode(response) if isinstance(response, str) else list(response)
     seq = p + r + ([tok.special(ASSISTANT_END)] if ended else [])
     return seq[-block_size:]
-
-
-def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids, pad_mask), right-padded with 0. Causal attention never lets a real token see the
-    pads after it, so the trunk runs without a mask and the score is gathered at the last real token."""
-    length = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = True
-    return ids.to(device), mask.to(device)
-
-
-def sequence_scores(model, seqs: list[list[int]]) -> torch.Tensor:
-    """(B,) reward of each token sequence (differentiable; `model` may be DDP-wrapped)."""
-    device = next(model.parameters()).device
-    ids, mask = pad_right(seqs, device)
-    return gather_last(model(ids), mask)
-
-
-@torch.inference_mode()
-def score_ids(rm: ScalarModel, seqs: list[list[int]], batch_size: int = 64) -> list[float]:
-    """Rewards of rendered sequences, batched by similar length (order kept)."""
-    rm.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
-    for c in range(0, len(order), batch_size):
-        idx = order[c : c + batch_size]
-        for i, s in zip(idx, sequence_scores(rm, [seqs[i] for i in idx]).tolist()):
-            out[i] = s
-    return out
 
 
 def score_texts(rm: ScalarModel, tokenizer: Tokenizer, prompts: list, responses: list, ended: list[bool] | None = None,
