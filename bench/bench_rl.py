@@ -27,9 +27,8 @@ batch, epochs, minibatches, response length, T = 1 with no top-k/top-p, fp32, th
 coefficient (0.05 PPO, 0 GRPO), no gradient checkpointing. Not equal, by each side's design:
 TRL generates exactly 64 tokens (PPO: no stop token; GRPO: min_new_tokens = 64), gptstack stops
 a row at <|assistant_end|> (a random model ends ~1 row in 8 early; a batch still runs 64 steps);
-TRL PPO takes the old logprobs from generation, gptstack recomputes them with one forward; TRL
-GRPO with beta = 0 and one iteration skips the reference and old-logprob forwards; TRL calls
-gc.collect() twice per PPO update; TRL's interval includes its per-update logging, gptstack's
+both take the old logprobs from generation (gptstack since 2026-11-24) and skip the reference
+forward when no KL term reads it (GRPO at beta = 0); TRL calls gc.collect() twice per PPO update; TRL's interval includes its per-update logging, gptstack's
 `time/update_s` ends at the last optimizer step. On a random model the gold reward is 0 for
 every completion, so GRPO's advantages are 0: both sides still run the full forward and backward.
 

@@ -268,6 +268,19 @@ def test_deterministic_and_sees_updated_weights():
         assert c.tokens == model.generate(torch.tensor([prompt]), 10, temperature=0)[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_sees_weights_written_by_an_optimizer_step(fused):
+    # AdamW(fused=True) writes parameters without bumping their version counters: the engine's cache
+    # of prepared weights must notice anyway (it once did not, and RL sampled from stale weights)
+    model = make()
+    generate(model, PROMPTS, 10, temperature=0)   # prepare and cache the weights
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused, foreach=None if fused else True)
+    model(torch.tensor([PROMPTS[0]])).square().mean().backward()
+    opt.step()
+    for prompt, (c,) in zip(PROMPTS, generate(model, PROMPTS, 10, temperature=0)):
+        assert c.tokens == model.generate(torch.tensor([prompt]), 10, temperature=0)[0, len(prompt):].tolist()
+
+
 def test_half_precision_rope_path_and_autocast(monkeypatch):
     # bf16/fp16 have no complex multiply: the real-arithmetic RoPE must give the same results
     model = make(n_kv_head=2)

@@ -150,3 +150,41 @@ def test_grpo_refuses_a_verifiable_file_with_a_non_numeric_final_answer(tmp_path
         ppo.run(build_config("tiny"), tmp_path / "sft", tmp_path, reward="answer", prompts=str(tmp_path / "bad.jsonl"),
                 stage="grpo")
     assert not (tmp_path / "grpo").exists()
+
+
+@pytest.mark.parametrize("sets, ref_used", [
+    (["ppo.kl_coef=0"], False),                           # beta = 0, no KL loss: the reference is never run
+    (["ppo.kl_coef=0.05"], True),
+    (["ppo.kl_coef=0", "ppo.kl_loss_coef=0.1"], True),
+    (["ppo.kl_coef=0", "ppo.kl_target=1.0"], True),      # an adaptive controller needs the KL to move beta
+])
+def test_the_reference_forward_runs_only_when_a_kl_term_reads_it(tmp_path, monkeypatch, sets, ref_used):
+    _make_run(tmp_path)
+    calls = {"ref": 0, "policy": 0}
+    real = ppo.token_logprobs
+
+    def counting(model, batch, *a, **k):
+        calls["ref" if getattr(model, "_is_ref", False) else "policy"] += 1
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(ppo, "token_logprobs", counting)
+    real_load = ppo.load_stage
+    loads = []
+
+    def marking_load(*a, **k):   # the second load of the policy directory is the frozen reference
+        out = real_load(*a, **k)
+        loads.append(out[0])
+        if len(loads) == 2:
+            out[0]._is_ref = True
+        return out
+
+    monkeypatch.setattr(ppo, "load_stage", marking_load)
+    cfg = build_config("tiny", sets=SMALL + ["ppo.updates=2", "ppo.advantage=grpo", "ppo.samples_per_prompt=4",
+                                             "ppo.prompts_per_update=4", "ppo.checkpoint_every=0"] + sets)
+    cfg.eval.limit = 2
+    ppo.run(cfg, tmp_path / "sft", tmp_path, reward=count_a)
+    rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in rows if "objective/scores" in r]
+    assert len(updates) == 2
+    assert (calls["ref"] > 0) == ref_used, calls
+    assert all(("objective/kl" in r) == ref_used for r in updates)

@@ -151,6 +151,10 @@ def test_token_logprobs_equal_the_engine_and_a_forward_pass_per_row():
         ent = -(alone.exp() * alone).sum(-1)
         torch.testing.assert_close(entropy[row, :n], ent, atol=1e-5, rtol=1e-5)
         assert torch.all(logp[row, n:] == 0)
+    # the sampler's logprobs travel with the batch (PPO's old logprobs): the same values, same layout
+    torch.testing.assert_close(batch.logprobs, logp, atol=1e-4, rtol=1e-4)
+    assert torch.all(batch.logprobs[batch.mask == 0] == 0)
+    torch.testing.assert_close(batch.select([4, 1]).logprobs, logp[[4, 1]], atol=1e-4, rtol=1e-4)
 
 
 def test_per_token_kl_sums_to_the_sequence_log_ratio():

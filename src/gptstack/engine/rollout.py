@@ -14,6 +14,8 @@ score there); `finished` says which did.
 
 Temperature: the engine samples from softmax(logits / T) and `token_logprobs` recomputes exactly
 that distribution, so the importance ratios of the first PPO epoch are 1 (up to float rounding).
+The sampler's own logprobs of the drawn tokens come back as `Batch.logprobs` (top-k/top-p off:
+of the unfiltered distribution): PPO takes them as the old logprobs instead of a second forward.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Batch:
     prompt_index: list[int]    # row -> index into the prompt list it was sampled for
     responses: list[list[int]]  # row -> its response tokens (end token included when finished)
     finished: torch.Tensor     # (B,) bool: stopped on a stop id (not on the length limit)
+    logprobs: torch.Tensor | None = None  # (B, R) the sampler's log π(token) at T (pads 0), when known
 
     def __len__(self) -> int:
         return self.ids.size(0)
@@ -47,16 +50,19 @@ class Batch:
         rows = torch.as_tensor(rows, dtype=torch.long)
         lst = rows.tolist()
         return Batch(self.ids[rows], self.pad_mask[rows], self.mask[rows], self.prompt_len,
-                     [self.prompt_index[i] for i in lst], [self.responses[i] for i in lst], self.finished[rows])
+                     [self.prompt_index[i] for i in lst], [self.responses[i] for i in lst], self.finished[rows],
+                     None if self.logprobs is None else self.logprobs[rows])
 
     def to(self, device) -> "Batch":
         return Batch(self.ids.to(device), self.pad_mask.to(device), self.mask.to(device), self.prompt_len,
-                     self.prompt_index, self.responses, self.finished.to(device))
+                     self.prompt_index, self.responses, self.finished.to(device),
+                     None if self.logprobs is None else self.logprobs.to(device))
 
 
 def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_index: Sequence[int],
-               finished: Sequence[bool], pad_id: int = 0) -> Batch:
-    """Rows of (prompt, response) token lists -> the padded layout above. Every response needs >= 1 token."""
+               finished: Sequence[bool], pad_id: int = 0, logprobs: Sequence[Sequence[float]] | None = None) -> Batch:
+    """Rows of (prompt, response) token lists -> the padded layout above. Every response needs >= 1 token.
+    `logprobs`: per row, the sampler's logprob of each response token (kept as Batch.logprobs)."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
     B = len(responses)
@@ -70,8 +76,13 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
         ids[b, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         pad_mask[b, P - len(p) : P + len(r)] = True
         mask[b, : len(r)] = 1.0
+    lp = None
+    if logprobs is not None:
+        lp = torch.zeros(B, R)
+        for b, row in enumerate(logprobs):
+            lp[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.float32)
     return Batch(ids, pad_mask, mask, P, list(prompt_index), [list(r) for r in responses],
-                 torch.as_tensor(list(finished), dtype=torch.bool))
+                 torch.as_tensor(list(finished), dtype=torch.bool), lp)
 
 
 def rollout(policy, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, *, temperature: float = 1.0,
@@ -85,7 +96,7 @@ def rollout(policy, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: in
                            top_p=top_p, stop_ids=stop_ids, seed=seed, batch_size=batch_size, truncate=truncate)
     rows = [(i, c) for i, group in enumerate(completions) for c in group]
     return make_batch([prompts[i] for i, _ in rows], [c.tokens for _, c in rows], [i for i, _ in rows],
-                      [c.finished for _, c in rows])
+                      [c.finished for _, c in rows], logprobs=[c.logprobs for _, c in rows])
 
 
 def _response_hidden(model_fn, batch: Batch) -> torch.Tensor:

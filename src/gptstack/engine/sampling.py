@@ -238,9 +238,14 @@ _PREPARED: "weakref.WeakKeyDictionary[GPT, tuple[tuple, _Weights]]" = weakref.We
 
 
 def _prepared(model: GPT) -> _Weights:
-    """Prepared weights, reused while no parameter has changed (an optimizer step or a load bumps
-    a tensor's version counter; a reassigned .data changes its pointer)."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    """Prepared weights, reused while no parameter has changed. The key holds each tensor's pointer,
+    version counter *and* its sum and norm: a fused optimizer (AdamW(fused=True), on CPU and CUDA)
+    writes parameters in place without bumping the version counter, and with a key of pointers
+    and versions alone RL sampled from the first update's weights forever. The sums read the
+    weights once (~0.2 % of a 14.6 M generation), far less than preparing them again."""
+    params = [p.detach() for p in model.parameters()]
+    sums = torch.stack([torch.stack([p.sum(), torch.linalg.vector_norm(p)]) for p in params]).tolist()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device, *s) for p, s in zip(params, sums))
     hit = _PREPARED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

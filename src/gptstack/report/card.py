@@ -429,7 +429,7 @@ RL_CURVES = ["objective/scores", "objective/kl", "gold/reward", "gold/accuracy",
 
 
 def rl_curves(st: Stage, cfg: ReportConfig, sec: Section, keys: list[str]) -> None:
-    rows = [r for r in read_jsonl(st.dir / "metrics.jsonl") if "objective/kl" in r]
+    rows = [r for r in read_jsonl(st.dir / "metrics.jsonl") if "objective/scores" in r]
     if rows:
         x = "episode" if all("episode" in r for r in rows) else "step"
         sec.plot(f"{st.name}-curves", plots.curves({k: series(rows, k, x) for k in keys},

@@ -172,12 +172,19 @@ class Experience:
     batch: Batch
     texts: list[str]
     old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None   # None when nothing reads it (no KL penalty or loss)
     advantages: torch.Tensor
     old_values: torch.Tensor | None
     returns: torch.Tensor | None
     scores: torch.Tensor
     stats: dict
+
+
+def uses_reference(tc: RLConfig) -> bool:
+    """Whether anything reads the reference model's logprobs: a KL penalty (fixed or adaptive) or a
+    KL loss. Without one (GRPO/DAPO-style beta = 0, as TRL) its forward pass is skipped and
+    objective/kl is not logged."""
+    return tc.kl_coef > 0 or tc.kl_loss_coef > 0 or tc.kl_target > 0
 
 
 def seed_of(tc: RLConfig, update: int, rank: int, what: int) -> int:
@@ -198,9 +205,11 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
     scores = rewarder(items, batch, texts, extra).float().to(device)
     if tc.penalize_no_end:
         scores = torch.where(batch.finished, scores, torch.full_like(scores, tc.no_end_score))
-    old_logp = token_logprobs(model.policy, batch, tc.temperature)[0]
-    ref_logp = token_logprobs(ref, batch, tc.temperature)[0]
-    kl = (old_logp - ref_logp) * batch.mask
+    # TRL's practice: the old logprobs are the sampler's own (same weights, same T; they agree with a
+    # fresh forward to ~1e-5), which saves a forward pass of the policy per update
+    old_logp = batch.logprobs if batch.logprobs is not None else token_logprobs(model.policy, batch, tc.temperature)[0]
+    ref_logp = token_logprobs(ref, batch, tc.temperature)[0] if uses_reference(tc) else None
+    kl = (old_logp - ref_logp) * batch.mask if ref_logp is not None else torch.zeros_like(old_logp)
     old_values = returns = None
     if tc.advantage == "gae":
         old_values = token_values(model.critic, batch)
@@ -215,7 +224,7 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
                       else rl.rloo_advantages(shaped, tc.samples_per_prompt))
     non_score = (-kl_coef * kl).sum(1)
     stats = {
-        "objective/kl": kl.sum(1).mean().item(),
+        **({"objective/kl": kl.sum(1).mean().item()} if ref_logp is not None else {}),
         "objective/entropy": (-old_logp).sum(1).mean().item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (scores + non_score).mean().item(),
@@ -492,7 +501,8 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
 
         # --- end of an update: beta, metrics, alarm, evaluation, checkpoint --------------------------
         done = update + 1
-        kl_ctl.update(exp.stats["objective/kl"], rows * info.world)
+        if "objective/kl" in exp.stats:
+            kl_ctl.update(exp.stats["objective/kl"], rows * info.world)
         elapsed = time.perf_counter() - t_update
         stats = {k_: v for k_, v in exp.stats.items() if not k_.startswith("_")}
         stats.update({k_: sum(v) / len(v) for k_, v in acc.items() if v})
@@ -501,7 +511,9 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             gold_z = (stats["gold/reward"] - gold_ref[0]) / gold_ref[1]
             stats["hack/proxy_gold_gap"] = (stats["objective/scores"] if reward == "rm" else gold_z) - gold_z
         if done % tc.log_every == 0 or done == tc.updates:
-            postfix = {"score": f"{stats['objective/scores']:.2f}", "kl": f"{stats['objective/kl']:.2f}"}
+            postfix = {"score": f"{stats['objective/scores']:.2f}"}
+            if "objective/kl" in stats:
+                postfix["kl"] = f"{stats['objective/kl']:.2f}"
             if "gold/reward" in stats:
                 postfix["gold"] = f"{stats['gold/reward']:.3f}"
             session.log(step + 1, postfix, **stats)
