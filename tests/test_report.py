@@ -11,6 +11,7 @@ import pytest
 
 from gptstack.cli import main
 from gptstack.common import UserError
+from gptstack.eval.protocol import paired_comparison
 from gptstack.report import ReportConfig, write_report
 from gptstack.report.card import STAGES, series
 
@@ -263,6 +264,36 @@ def test_claims_state_numbers_and_whether_intervals_separate(full):
     assert claims["PRM ≥ ORM (best-of-N)"][1] == "prm (N=16): 55.0 % [45.2, 64.4] %"
     assert claims["PRM ≥ ORM (best-of-N)"][3] == "yes; the 95 % intervals overlap (not significant)"
     assert claims["ORM ≥ majority vote"][3].startswith("yes;")
+
+
+def test_stage_claims_add_the_paired_comparison_on_shared_prompts(tmp_path, full):
+    run = make_run(tmp_path, stages=("sft", "grpo", "dpo"))
+    # grpo answers sft's 10 prompts (sft: the first 5 right): right on 0-3 and 5-8, so GRPO alone is right
+    # on 5, 6, 7, 8 (b = 4) and SFT alone on 4 (c = 1); McNemar p = 2 * (1 + 5) / 32 = 0.375
+    grpo = [r | {"correct": i in (0, 1, 2, 3, 5, 6, 7, 8)} for i, r in enumerate(eval_samples("sft"))]
+    write_rows(run / "grpo/eval_samples.jsonl", grpo[::-1])   # matched by prompt, not by line
+    (run / "dpo/eval_samples.jsonl").unlink()
+    md = write_report(run, CFG)[0].read_text()
+    claims = {r[0]: r[3] for r in next(t for t in md_tables(md) if t[0][0] == "claim")[1:]}
+    sentence, paired = claims["GRPO > SFT"].split("; paired on ")
+    assert sentence == "no; the 95 % intervals overlap (not significant)"   # the summaries' 65.5 vs 67.2, as before
+    m = re.fullmatch(r"the same (\d+) prompts: ([+−][\d.]+) points \[([+−][\d.]+), ([+−][\d.]+)\], "
+                     r"b = (\d+), c = (\d+), McNemar p = ([\d.]+)", paired)
+    assert m, paired
+    number = lambda t: float(t.replace("−", "-"))
+    ref = paired_comparison([r["correct"] for r in grpo], [i < 5 for i in range(10)])   # A = GRPO, B = SFT
+    assert (int(m[1]), int(m[5]), int(m[6]), float(m[7])) == (10, 4, 1, 0.38)
+    assert number(m[2]) == 30.0
+    assert [number(m[3]), number(m[4])] == [round(100 * x, 1) for x in ref["ci95"]]
+    assert number(m[3]) < 30.0 < number(m[4])
+    assert claims["SFT > base (few-shot)"] == "yes; the 95 % intervals separate"   # the base model has no samples
+    assert claims["DPO > SFT"] == "no; the 95 % intervals overlap (not significant)"
+    assert "DPO vs SFT: no paired comparison, dpo/eval_samples.jsonl is missing or empty." in md
+    # the full run's stages answer different prompts: no paired line, a note saying why
+    _, full_md, _ = full
+    assert ("PPO vs SFT: no paired comparison, ppo/eval_samples.jsonl and sft/eval_samples.jsonl answer different "
+            "prompts (10 and 10, 0 shared).") in full_md
+    assert "paired on" not in full_md
 
 
 def test_partial_run_says_what_did_not_run(tmp_path):

@@ -7,7 +7,9 @@ On the world's fixed held-out eval set (100 prompts per family, never trained on
   - `eval/gold_reward`, `eval/format_ok`, `eval/pass@k`: k samples per prompt at T = 1;
   - `eval/kl_to_sft`: KL(policy || SFT) on those samples, summed over response tokens, averaged
     over samples (0 for the SFT model itself);
-  - everything at a fixed seed, so two stages see the same prompts and the same random draws.
+  - everything at a fixed seed, so two stages see the same prompts and the same random draws,
+    and two stages' greedy answers pair up prompt by prompt (`paired_comparison`: the sharper test
+    of "one beats the other" than two separate intervals; the report card states it beside its claims).
 
 A chat model is prompted with the chat template and stops at <|assistant_end|>. A base model is
 prompted few-shot in the plain-text layout its pretraining documents use ("Question: ...\\nAnswer:
@@ -36,6 +38,48 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_comparison(a_correct: list[bool], b_correct: list[bool]) -> dict:
+    """Two policies graded on the same prompts (a_correct[i], b_correct[i]: prompt i): the paired test,
+    stronger than two independent Wilson intervals because it looks only where the policies disagree.
+
+    b = prompts A gets right and B wrong, c = the reverse, n = prompts. Returns {"n", "b", "c",
+    "difference": (b - c) / n (= accuracy A - accuracy B), "ci95": [lo, hi], "p_mcnemar"}.
+
+    The interval is Newcombe's method 10 (Newcombe 1998, Stat. Med. 17:2635, "square and add"): the
+    Wilson intervals [l1, u1] of p1 = accuracy A and [l2, u2] of p2 = accuracy B, combined with the
+    correlation phi of the 2x2 table (r = both right, b, c, s = both wrong; the margins' product
+    M = (r + b)(c + s)(r + c)(b + s)), with d = (b - c) / n:
+        lo = d - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        hi = d + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
+    phi = (rs - bc - n/2) / sqrt(M) when rs - bc > n/2, 0 when 0 <= rs - bc <= n/2, (rs - bc) / sqrt(M)
+    when rs - bc < 0, and 0 when M = 0 (as Newcombe, and Altman et al., Statistics with Confidence, 2000). p_mcnemar: McNemar's exact two-sided test, the binomial
+    probability of a split of the b + c discordant prompts at least as uneven as b : c at 1/2
+    (1 when b + c = 0)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired_comparison: {len(a_correct)} and {len(b_correct)} answers; pairs need the same prompts")
+    n = len(a_correct)
+    if n == 0:
+        raise ValueError("paired_comparison: no prompts")
+    both = sum(1 for x, y in zip(a_correct, b_correct) if x and y)
+    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
+    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
+    neither = n - both - b - c
+    p1, p2 = (both + b) / n, (both + c) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + b, n), wilson_interval(both + c, n)
+    margins = (both + b) * (c + neither) * (both + c) * (b + neither)
+    cross = both * neither - b * c
+    phi = 0.0
+    if margins:
+        phi = (cross - n / 2 if cross > n / 2 else min(cross, 0)) / math.sqrt(margins)
+    d = (b - c) / n
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    m = b + c
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1))
+    return {"n": n, "b": b, "c": c, "difference": d, "ci95": [max(-1.0, lo), min(1.0, hi)],
+            "p_mcnemar": min(1.0, 2 * tail / 2 ** m)}
 
 
 def few_shot_prompt(tokenizer: Tokenizer, question: str, shots: list[list[int]], budget: int) -> list[int]:

@@ -8,7 +8,9 @@ Every figure is read from RUN/<stage>/summary.json; curves come from metrics.jso
 from eval_samples.jsonl (bon: samples.jsonl, search: picks.jsonl). Nothing is recomputed except 95 %
 Wilson intervals where a summary gives a bare proportion (best-of-n, search without accuracy_ci95),
 taken over the number of prompts, which is conservative for averages over several picks per prompt.
-A claim ("PPO > SFT") states both numbers with their intervals and whether the intervals separate.
+A claim ("PPO > SFT") states both numbers with their intervals and whether the intervals separate;
+one policy stage against another also states the paired comparison on the prompts both answered
+(eval_samples.jsonl, matched by prompt: Newcombe's interval on the difference, McNemar's exact p).
 A stage that has not run gets a section that says so; a stage still running shows its curves so far.
 The report is built once as a list of sections of blocks (text, table, plot, samples), then rendered
 twice by render.py: markdown (plots as PNG files beside it) and HTML (plots inline as base64, every
@@ -23,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..common import UserError, atomic_write_bytes, atomic_write_text
-from ..eval.protocol import wilson_interval
+from ..eval.protocol import paired_comparison, wilson_interval
 from . import plots
 from .config import ReportConfig
 from .render import render_html, render_markdown
@@ -250,6 +252,45 @@ def claim(name: str, a: tuple, b: tuple, strict: bool = True) -> list[str]:
             f"{'yes' if holds else 'no'}; {sep}"]
 
 
+def eval_correct(st: Stage) -> dict[str, bool] | str:
+    """{prompt: greedy answer correct} from the stage's eval_samples.jsonl, or why it cannot be paired."""
+    name = f"{st.name}/eval_samples.jsonl"
+    rows = read_jsonl(st.dir / "eval_samples.jsonl")
+    if not rows:
+        return f"{name} is missing or empty"
+    out: dict[str, bool] = {}
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("correct"), bool):
+            return f'{name} row {i} has no text "prompt" or no true/false "correct"'
+        if r["prompt"] in out:
+            return f"{name} row {i} repeats a prompt"
+        out[r["prompt"]] = r["correct"]
+    return out
+
+
+def paired(s: dict[str, Stage], first: str, second: str, notes: list[str]) -> str:
+    """The paired comparison of two policy stages on their shared eval prompts, as a clause for the
+    claim ("; paired on the same 500 prompts: ..."); "" when the claim is not measured, and "" plus a
+    note in `notes` when the eval samples cannot be paired (missing, or different prompt sets)."""
+    if s[first].num("eval/accuracy") is None or s[second].num("eval/accuracy") is None:
+        return ""  # the claim itself says "not measured"
+    label = f"{first.upper()} vs {second.upper()}"
+    ours, theirs = eval_correct(s[first]), eval_correct(s[second])
+    why = next((x for x in (ours, theirs) if isinstance(x, str)), None)
+    if why is None and ours.keys() != theirs.keys():
+        why = (f"{first}/eval_samples.jsonl and {second}/eval_samples.jsonl answer different prompts "
+               f"({len(ours)} and {len(theirs)}, {len(ours.keys() & theirs.keys())} shared)")
+    if why:
+        notes.append(f"{label}: no paired comparison, {why}.")
+        return ""
+    r = paired_comparison([ours[q] for q in ours], [theirs[q] for q in ours])
+    signed = lambda x: f"{100 * x:+.1f}".replace("-", "−")
+    lo, hi = r["ci95"]
+    p = r["p_mcnemar"]
+    return (f"; paired on the same {r['n']} prompts: {signed(r['difference'])} points [{signed(lo)}, {signed(hi)}], "
+            f"b = {r['b']}, c = {r['c']}, McNemar p = {f'{p:.2g}' if p >= 0.001 else f'{p:.1e}'}")
+
+
 def bon_pick(st: Stage, want: int) -> dict | None:
     by_n = st.rows("by_n", ("n", "kl", "d", "proxy", "gold", "accuracy"))
     if not by_n:
@@ -283,7 +324,10 @@ def search_point(st: Stage, method: str, n: str) -> tuple[str, float | None, lis
     return (f"{method} (N={n})", acc, iv)
 
 
-def claims(s: dict[str, Stage], cfg: ReportConfig) -> list[list[str]]:
+def claims(s: dict[str, Stage], cfg: ReportConfig, notes: list[str] | None = None) -> list[list[str]]:
+    """The claims table's rows; why a stage-vs-stage claim has no paired comparison goes to `notes`."""
+    notes = [] if notes is None else notes
+
     def pol(name: str, prefix: str = "eval", label: str | None = None):
         st = s[name]
         return (label or name.upper(), st.num(f"{prefix}/accuracy"), st.interval(f"{prefix}/accuracy_ci95"))
@@ -294,8 +338,10 @@ def claims(s: dict[str, Stage], cfg: ReportConfig) -> list[list[str]]:
     n = best["n"] if best else cfg.bon_n
     out.append(claim(f"best-of-{n} > best-of-1", (f"best-of-{n}", best and best["accuracy"], bon_interval(bon, best)),
                      ("best-of-1", one and one["accuracy"], bon_interval(bon, one))))
-    out += [claim("PPO > SFT", pol("ppo"), pol("sft")), claim("GRPO > PPO", pol("grpo"), pol("ppo")),
-            claim("GRPO > SFT", pol("grpo"), pol("sft")), claim("DPO > SFT", pol("dpo"), pol("sft"))]
+    for first, second in (("ppo", "sft"), ("grpo", "ppo"), ("grpo", "sft"), ("dpo", "sft")):
+        row = claim(f"{first.upper()} > {second.upper()}", pol(first), pol(second))
+        row[3] += paired(s, first, second, notes)
+        out.append(row)
     acc = search_table(s["search"], "accuracy")
     ns = sorted({k for m in ("prm", "orm", "majority") for k, v in acc.get(m, {}).items() if v is not None}, key=int)
     top = ns[-1] if ns else "N"
@@ -530,7 +576,16 @@ def build(run_dir: Path, cfg: ReportConfig) -> list[Section]:
     stages = {name: Stage(run_dir, name) for name in STAGES}
     top = overview(stages, cfg)
     top.text("Claims (each with both numbers, their 95 % intervals, and whether the intervals separate):")
-    top.table(["claim", "A", "B", "holds?"], claims(stages, cfg))
+    notes: list[str] = []
+    rows = claims(stages, cfg, notes)
+    top.table(["claim", "A", "B", "holds?"], rows)
+    if notes or any("; paired on" in r[3] for r in rows):
+        top.text("Stage-vs-stage claims add a paired comparison where both stages' eval_samples.jsonl hold the "
+                 "same prompts: accuracy A − B in points with Newcombe's 95 % interval for paired proportions, "
+                 "b = prompts A gets right and B wrong, c = the reverse, and McNemar's exact two-sided p. "
+                 "It is the sharper test: both policies answer the same prompts.")
+    for note in notes:
+        top.text(note)
     sections = [top]
     for name in STAGES:
         sec = Section(name, f"{TITLES[name]} ({name})")
