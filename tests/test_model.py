@@ -77,3 +77,16 @@ def test_config_validation():
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(n_head=4, n_kv_head=3)
     assert GPTConfig(n_embd=384).ffn_dim == 1024 and GPTConfig(n_embd=128).ffn_dim == 352
+
+
+def test_logits_to_keep_gives_the_last_positions_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    idx = torch.randint(0, 50, (3, 12))
+    pad = torch.ones(3, 12, dtype=torch.bool)
+    pad[0, :4] = False   # a left-padded row
+    with torch.no_grad():
+        full = model(idx, pad_mask=pad)
+        torch.testing.assert_close(model(idx, pad_mask=pad, logits_to_keep=5), full[:, -5:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(idx, targets=idx, logits_to_keep=2)

@@ -100,16 +100,15 @@ def rollout(policy, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: in
 
 
 def _response_hidden(model_fn, batch: Batch) -> torch.Tensor:
-    # the last token's output predicts nothing we train on: drop it from the forward
-    out = model_fn(batch.ids[:, :-1], pad_mask=batch.pad_mask[:, :-1])
-    P = batch.prompt_len
-    return out[:, P - 1 : P - 1 + batch.response_len]
+    # the last token's output predicts nothing we train on: drop it from the forward; of the
+    # P + R - 1 positions left, the last R (from the last prompt token on) predict the response
+    return model_fn(batch.ids[:, :-1], pad_mask=batch.pad_mask[:, :-1], logits_to_keep=batch.response_len)
 
 
 def token_logprobs(model, batch: Batch, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log π(response token k | prefix) at `temperature` (float32), and optionally the
-    entropy of each of those distributions. Pads come out 0. Differentiable (call under no_grad
+    entropy of each of those distributions (a figure to log: no gradient). Pads come out 0. Differentiable (call under no_grad
     for old/reference logprobs)."""
     logits = _response_hidden(model, batch).float()
     if temperature != 1.0:
@@ -119,7 +118,8 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0,
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch.mask
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.mask
+        with torch.no_grad():   # a logged figure: no loss term reads it, so no graph for it
+            entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.mask
     return logp, entropy
 
 

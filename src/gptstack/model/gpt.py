@@ -257,10 +257,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 ignore_index: int = -1, *, pad_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0):
         """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index.
-        pad_mask / positions: padded batches, see `hidden_states`."""
+        pad_mask / positions: padded batches, see `hidden_states`. logits_to_keep = n > 0: logits
+        of the last n positions only (HF's name): RL scores responses, not prompts, and skipping
+        the prompt positions saves their share of the head and a full-size gradient in backward."""
         h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError("logits_to_keep is for logits, not with targets")
+            h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         if targets is None:
             return logits

@@ -53,9 +53,12 @@ class ScalarModel(nn.Module):
         return model.to(next(policy.parameters()).device)
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T) scalars (float32), one per position."""
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, T) scalars (float32), one per position (the last `logits_to_keep`
+        only, when > 0: GPT.forward's argument)."""
         h = self.trunk.hidden_states(idx, pad_mask=pad_mask, positions=positions)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return self.head(h).squeeze(-1).float()
 
     def score(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
