@@ -90,3 +90,19 @@ def test_logits_to_keep_gives_the_last_positions_logits():
         torch.testing.assert_close(model(idx, pad_mask=pad, logits_to_keep=5), full[:, -5:])
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(idx, targets=idx, logits_to_keep=2)
+
+
+def test_packed_segments_give_each_sequence_its_outputs_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    row = torch.tensor([sum(seqs, []) + [0, 0]])
+    segments = torch.tensor([[0] * 5 + [1] * 2 + [2] * 3 + [3] * 2])
+    with torch.no_grad():
+        packed = model(row, segments=segments)[0]
+        k = 0
+        for s in seqs:
+            torch.testing.assert_close(packed[k : k + len(s)], model(torch.tensor([s]))[0], atol=1e-5, rtol=1e-5)
+            k += len(s)
+    with pytest.raises(ValueError, match="segments"):
+        model(row, segments=segments, pad_mask=torch.ones_like(row, dtype=torch.bool))

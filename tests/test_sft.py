@@ -41,12 +41,39 @@ def test_loss_mask_covers_exactly_the_assistant_spans(tok):
 def test_batches_pad_right_with_ignored_targets(tok):
     convs = [[{"role": "user", "content": "hi" * n}, {"role": "assistant", "content": "yo"}] for n in (1, 5, 9)]
     rendered, _ = sft.render_all(tok, convs, 100)
-    x, y = sft.get_batch(rendered, 8, seed=0, step=0)
+    x, y, seg = sft.get_batch(rendered, 8, seed=0, step=0)
+    assert seg is None
     lengths = [r.shape[1] for r in rendered]
     assert x.shape[1] == max(lengths)
     for row_x, row_y in zip(x, y):
         n = next(r.shape[1] for r in rendered if torch.equal(torch.from_numpy(r[0]), row_x[: r.shape[1]]))
         assert (row_y[n:] == -1).all() and (row_x[n:] == 0).all()
+
+
+def test_packed_batches_hold_the_same_conversations_and_give_the_padded_loss(tok):
+    from gptstack.model import GPT, GPTConfig
+
+    convs = [[{"role": "user", "content": "hi " * n}, {"role": "assistant", "content": "yo " * (1 + n % 4)}]
+             for n in range(1, 30)]
+    rendered, _ = sft.render_all(tok, convs, 64)
+    for step in range(3):
+        x, y, _ = sft.get_batch(rendered, 12, seed=1, step=step)
+        px, py, seg = sft.get_batch(rendered, 12, seed=1, step=step, pack_to=64)
+        assert px.shape[0] < x.shape[0] and px.shape[1] <= 64 and px.numel() < x.numel()
+        # the same conversations: each packed run (a segment with targets) is one drawn conversation
+        runs = sorted(tuple(px[i][seg[i] == j].tolist()) for i in range(px.shape[0]) for j in seg[i].unique().tolist()
+                      if (py[i][seg[i] == j] >= 0).any())
+        assert runs == sorted(tuple(row[: (row != 0).nonzero().max() + 1].tolist()) for row in x)
+        assert int((py >= 0).sum()) == int((y >= 0).sum())
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64))
+        padded = model(x, y)
+        packed = model(px, py, segments=seg)
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+        g_pad = torch.autograd.grad(padded, list(model.parameters()))
+        g_pack = torch.autograd.grad(model(px, py, segments=seg), list(model.parameters()))
+        for a, b in zip(g_pad, g_pack):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_wilson_interval_known_values():

@@ -81,6 +81,7 @@ class SFTConfig(TrainConfig):
     eval_every: int = field(default=0, metadata={"help": "run the eval protocol every N steps (0 = only at the end)"})
     checkpoint_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
     demos: int = field(default=20000, metadata={"help": "world demonstrations to fine-tune on (when no --data file)"})
+    packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss, ~30 % faster on world data); false: one padded row each"})
 
 
 @dataclass

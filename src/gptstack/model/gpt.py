@@ -219,7 +219,8 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
-                      pad_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                      pad_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final normed hidden states (B, T, n_embd); value/reward heads read these.
 
         pad_mask: (B, T_k) bool/0-1 over all key positions (the cached ones, then these T), True
@@ -227,10 +228,24 @@ class GPT(nn.Module):
         pad's own output is garbage-but-finite (it attends to itself) and should be ignored.
         positions: (B, T) RoPE positions; by default each row counts its real tokens from 0
         (with pad_mask) or all tokens from the cache position (without).
+        segments: (B, T) ids of packed sequences, each a contiguous run: a token attends only to
+        earlier tokens of its own run, and positions restart at 0 in each, so every sequence of
+        a packed row gets exactly the outputs it would get alone (SFT packing).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         attn_mask = None
+        if segments is not None:
+            if cache is not None or pad_mask is not None:
+                raise ValueError("segments (packed rows) cannot be combined with a KV cache or a pad_mask")
+            t = torch.arange(T, device=idx.device)
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            run_start = torch.where(first, t, 0).cummax(dim=1).values
+            if positions is None:
+                positions = t - run_start
+            same = segments[:, :, None] == segments[:, None, :]
+            attn_mask = (same & (t[None, :] <= t[:, None])).unsqueeze(1)   # (B, 1, T, T)
         if pad_mask is not None:
             T_k = start + T
             if pad_mask.shape != (B, T_k):
@@ -257,12 +272,13 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 ignore_index: int = -1, *, pad_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int = 0):
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                logits_to_keep: int = 0):
         """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index.
-        pad_mask / positions: padded batches, see `hidden_states`. logits_to_keep = n > 0: logits
+        pad_mask / positions / segments: padded or packed batches, see `hidden_states`. logits_to_keep = n > 0: logits
         of the last n positions only (HF's name): RL scores responses, not prompts, and skipping
         the prompt positions saves their share of the head and a full-size gradient in backward."""
-        h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions)
+        h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions, segments=segments)
         if logits_to_keep:
             if targets is not None:
                 raise ValueError("logits_to_keep is for logits, not with targets")
