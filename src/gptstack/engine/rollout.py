@@ -108,8 +108,8 @@ def _response_hidden(model_fn, batch: Batch) -> torch.Tensor:
 def token_logprobs(model, batch: Batch, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log π(response token k | prefix) at `temperature` (float32), and optionally the
-    entropy of each of those distributions (a figure to log: no gradient). Pads come out 0. Differentiable (call under no_grad
-    for old/reference logprobs)."""
+    entropy of each of those distributions (a figure to log: no gradient). Pads come out 0. The
+    logprobs are differentiable (call under no_grad for reference logprobs)."""
     logits = _response_hidden(model, batch).float()
     if temperature != 1.0:
         logits = logits / temperature

@@ -54,9 +54,9 @@ def paired_comparison(a_correct: list[bool], b_correct: list[bool]) -> dict:
         lo = d - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
         hi = d + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
     phi = (rs - bc - n/2) / sqrt(M) when rs - bc > n/2, 0 when 0 <= rs - bc <= n/2, (rs - bc) / sqrt(M)
-    when rs - bc < 0, and 0 when M = 0 (as Newcombe, and Altman et al., Statistics with Confidence, 2000). p_mcnemar: McNemar's exact two-sided test, the binomial
-    probability of a split of the b + c discordant prompts at least as uneven as b : c at 1/2
-    (1 when b + c = 0)."""
+    when rs - bc < 0, and 0 when M = 0 (as Newcombe, and Altman et al., Statistics with Confidence,
+    2000). p_mcnemar: McNemar's exact two-sided test, the binomial probability of a split of the
+    b + c discordant prompts at least as uneven as b : c at 1/2 (1 when b + c = 0)."""
     if len(a_correct) != len(b_correct):
         raise ValueError(f"paired_comparison: {len(a_correct)} and {len(b_correct)} answers; pairs need the same prompts")
     n = len(a_correct)

@@ -275,9 +275,10 @@ class GPT(nn.Module):
                 positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
                 logits_to_keep: int = 0):
         """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index.
-        pad_mask / positions / segments: padded or packed batches, see `hidden_states`. logits_to_keep = n > 0: logits
-        of the last n positions only (HF's name): RL scores responses, not prompts, and skipping
-        the prompt positions saves their share of the head and a full-size gradient in backward."""
+        pad_mask / positions / segments: padded or packed batches, see `hidden_states`.
+        logits_to_keep = n > 0: logits of the last n positions only (HF's name): RL scores responses,
+        not prompts, and skipping the prompt positions saves their share of the head and a
+        full-size gradient in backward."""
         h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions, segments=segments)
         if logits_to_keep:
             if targets is not None:

@@ -207,7 +207,7 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
         scores = torch.where(batch.finished, scores, torch.full_like(scores, tc.no_end_score))
     # TRL's practice: the old logprobs are the sampler's own (same weights, same T; they agree with a
     # fresh forward to ~1e-5), which saves a forward pass of the policy per update
-    old_logp = batch.logprobs if batch.logprobs is not None else token_logprobs(model.policy, batch, tc.temperature)[0]
+    old_logp = batch.logprobs
     ref_logp = token_logprobs(ref, batch, tc.temperature)[0] if uses_reference(tc) else None
     kl = (old_logp - ref_logp) * batch.mask if ref_logp is not None else torch.zeros_like(old_logp)
     old_values = returns = None
