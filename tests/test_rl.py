@@ -179,3 +179,42 @@ def test_token_values_read_the_state_before_each_response_token():
     # row 1: the value before response token k is the head at position (prompt_len - 1 + k)
     torch.testing.assert_close(v[1], alone[0:3], atol=1e-5, rtol=1e-5)
     assert v[0, 2] == 0
+
+
+def test_packed_training_forward_equals_each_row_alone_with_gradients():
+    # block_size 16: six rows of 4-13 tokens pack into several rows, some holding 2-3 sequences
+    torch.manual_seed(3)
+    policy = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=16))
+    critic = ScalarModel.from_policy(policy, kind="value")
+    torch.nn.init.normal_(critic.head.weight)
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23]]
+    responses = [[30, 31], [32, 33, 34, 35], [36], [37, 38, 39, 30, 31, 32], [33, 34, 35, 36, 37, 38], [39, 30]]
+    batch = make_batch(prompts, responses, list(range(6)), [True] * 6)
+    packing = batch.packing(16)
+    assert packing.ids.numel() < batch.ids[:, :-1].numel()           # padding is not computed
+    assert max(int(s.max()) for s in packing.segments) >= 2          # a row holds several sequences
+    w = torch.randn(batch.mask.shape)
+
+    def loss_of(logp, values):
+        return (logp * w).sum() + (values * w.flip(0)).sum()
+
+    logp, _ = token_logprobs(policy, batch, temperature=0.8)
+    values = token_values(critic, batch)
+    loss_of(logp, values).backward()
+    packed_grads = [p.grad.clone() for p in [*policy.parameters(), *critic.parameters()] if p.grad is not None]
+    policy.zero_grad()
+    critic.zero_grad()
+
+    ref_logp, ref_values = torch.zeros_like(logp), torch.zeros_like(values)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.tensor([p + r])
+        lp = torch.log_softmax(policy(ids)[0, len(p) - 1 : -1] / 0.8, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+        ref_logp = ref_logp.index_put((torch.tensor([b]), torch.arange(len(r))), lp)
+        ref_values = ref_values.index_put((torch.tensor([b]), torch.arange(len(r))), critic(ids)[0, len(p) - 1 : -1])
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    loss_of(ref_logp, ref_values).backward()
+    ref_grads = [p.grad for p in [*policy.parameters(), *critic.parameters()] if p.grad is not None]
+    assert len(ref_grads) == len(packed_grads)
+    for g_packed, g_ref in zip(packed_grads, ref_grads):
+        torch.testing.assert_close(g_packed, g_ref, atol=1e-5, rtol=1e-4)

@@ -10,7 +10,11 @@ response token k of every row sits at column P + k of `ids` and is predicted by 
 P + k - 1: one slice, no per-row gathering. `pad_mask` marks real tokens (the model gives each row
 its own positions, so padding changes nothing); `mask` (B, R) marks real response tokens. A
 response that stopped on <|assistant_end|> keeps it as its last token (the reward model reads its
-score there); `finished` says which did.
+score there); `finished` says which did. The training forwards (`token_logprobs`, `token_values`)
+do not run over that layout: each row's prompt + response is packed with the others into rows of
+up to block_size tokens (`pack`, GPT `segments`), only the response-predicting positions reach
+the heads, and the results come back in the (B, R) layout: the same numbers without computing
+the padding (a third of a world batch's positions; PPO's update 1.3x faster on the bench model).
 
 Temperature: the engine samples from softmax(logits / T) and `token_logprobs` recomputes exactly
 that distribution, so the importance ratios of the first PPO epoch are 1 (up to float rounding).
@@ -20,10 +24,11 @@ of the unfiltered distribution): PPO takes them as the old logprobs instead of a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..data.packing import first_fit_decreasing
 from .sampling import check_prompts, generate
 
 
@@ -37,9 +42,17 @@ class Batch:
     responses: list[list[int]]  # row -> its response tokens (end token included when finished)
     finished: torch.Tensor     # (B,) bool: stopped on a stop id (not on the length limit)
     logprobs: torch.Tensor | None = None  # (B, R) the sampler's log π(token) at T (pads 0), when known
+    _packings: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.ids.size(0)
+
+    def packing(self, capacity: int) -> "Packing":
+        """The rows packed into rows of up to `capacity` tokens for a training forward (`pack`),
+        built once per batch and capacity (policy, reference and critic read the same one)."""
+        if capacity not in self._packings:
+            self._packings[capacity] = pack(self, capacity)
+        return self._packings[capacity]
 
     @property
     def response_len(self) -> int:
@@ -99,30 +112,75 @@ def rollout(policy, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: in
                       [c.finished for _, c in rows], logprobs=[c.logprobs for _, c in rows])
 
 
-def _response_hidden(model_fn, batch: Batch) -> torch.Tensor:
-    # the last token's output predicts nothing we train on: drop it from the forward; of the
-    # P + R - 1 positions left, the last R (from the last prompt token on) predict the response
-    return model_fn(batch.ids[:, :-1], pad_mask=batch.pad_mask[:, :-1], logits_to_keep=batch.response_len)
+@dataclass
+class Packing:
+    """A batch's rows packed for a training forward: each row's prompt + response (its last token
+    dropped: its output predicts nothing trained on) is one sequence, and the sequences are packed
+    first-fit-decreasing into rows of up to `capacity` tokens, with GPT `segments`, so every
+    sequence gets the outputs it would get alone and the left/right padding of the (B, P + R)
+    layout (a third of its positions on world prompts) is not computed."""
+    ids: torch.Tensor       # (N, L) packed sequences
+    segments: torch.Tensor  # (N, L) sequence number within the row (the tail padding a run of its own)
+    keep: torch.Tensor      # (N, K) positions whose outputs predict a response token (0-padded)
+    targets: torch.Tensor   # (N, K) the response token each of them predicts (0-padded)
+    index: torch.Tensor     # (B, R) where response token k of batch row b sits in keep.flatten()
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K) per kept position -> (B, R) in the batch's response layout (pads: garbage, mask them)."""
+        return x.flatten(0, 1)[self.index]
+
+
+def pack(batch: Batch, capacity: int) -> Packing:
+    """`Packing` of `batch` into rows of at most `capacity` tokens (a longer sequence gets a row of its own)."""
+    P, R = batch.prompt_len, batch.response_len
+    prompt_lens = batch.pad_mask[:, :P].sum(1).tolist()
+    response_lens = batch.mask.sum(1).long().tolist()
+    ids = batch.ids.cpu()
+    seqs = [ids[b, P - p : P + r - 1] for b, (p, r) in enumerate(zip(prompt_lens, response_lens))]
+    bins = first_fit_decreasing([len(s) for s in seqs], capacity)
+    L = max(sum(len(seqs[b]) for b in rows) for rows in bins)
+    K = max(sum(response_lens[b] for b in rows) for rows in bins)
+    packed = torch.zeros(len(bins), L, dtype=torch.long)
+    segments = torch.zeros(len(bins), L, dtype=torch.long)
+    keep = torch.zeros(len(bins), K, dtype=torch.long)
+    targets = torch.zeros(len(bins), K, dtype=torch.long)
+    index = torch.zeros(len(batch), R, dtype=torch.long)
+    for n, rows in enumerate(bins):
+        at = kept = 0
+        for j, b in enumerate(rows):
+            p, r, s = prompt_lens[b], response_lens[b], seqs[b]
+            packed[n, at : at + len(s)] = s
+            segments[n, at : at + len(s)] = j
+            # response token k is predicted by the output at the sequence's position p - 1 + k
+            keep[n, kept : kept + r] = torch.arange(at + p - 1, at + p - 1 + r)
+            targets[n, kept : kept + r] = ids[b, P : P + r]
+            index[b, :r] = torch.arange(n * K + kept, n * K + kept + r)
+            at, kept = at + len(s), kept + r
+        segments[n, at:] = len(rows)
+    device = batch.ids.device
+    return Packing(packed.to(device), segments.to(device), keep.to(device), targets.to(device), index.to(device))
 
 
 def token_logprobs(model, batch: Batch, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log π(response token k | prefix) at `temperature` (float32), and optionally the
     entropy of each of those distributions (a figure to log: no gradient). Pads come out 0. The
-    logprobs are differentiable (call under no_grad for reference logprobs)."""
-    logits = _response_hidden(model, batch).float()
+    logprobs are differentiable (call under no_grad for reference logprobs). Computed over the
+    batch's packing: only the response-predicting positions reach the LM head."""
+    packing = batch.packing(model.config.block_size)
+    logits = model(packing.ids, segments=packing.segments, logits_to_keep=packing.keep).float()  # (N, K, V)
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    targets = batch.ids[:, batch.prompt_len : batch.prompt_len + batch.response_len]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch.mask
+    logp = packing.unpack(logp_all.gather(-1, packing.targets.unsqueeze(-1)).squeeze(-1)) * batch.mask
     entropy = None
     if with_entropy:
         with torch.no_grad():   # a logged figure: no loss term reads it, so no graph for it
-            entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.mask
+            entropy = packing.unpack(-(logp_all.exp() * logp_all).sum(-1)) * batch.mask
     return logp, entropy
 
 
 def token_values(critic, batch: Batch) -> torch.Tensor:
     """(B, R) the critic's value of the state before each response token (pads 0)."""
-    return _response_hidden(critic, batch) * batch.mask
+    packing = batch.packing(critic.config.block_size)
+    return packing.unpack(critic(packing.ids, segments=packing.segments, logits_to_keep=packing.keep)) * batch.mask

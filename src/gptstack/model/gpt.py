@@ -118,6 +118,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return x * cos + swapped * sin_signed
 
 
+def keep_positions(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of h (B, T, ...) whose outputs a caller reads (HF's `logits_to_keep`): an int
+    n > 0 keeps the last n, 0 all; a (B, K) index tensor keeps positions keep[b] of row b, in
+    that order (packed rows: each row's response positions, wherever its sequences sit)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        index = logits_to_keep.to(h.device)
+        return h.gather(1, index.view(*index.shape, *[1] * (h.dim() - 2)).expand(*index.shape, *h.shape[2:]))
+    return h[:, -logits_to_keep:] if logits_to_keep else h
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -273,18 +283,16 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 ignore_index: int = -1, *, pad_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int | torch.Tensor = 0):
         """Logits (B, T, vocab) or, with `targets`, the mean cross-entropy over targets != ignore_index.
         pad_mask / positions / segments: padded or packed batches, see `hidden_states`.
-        logits_to_keep = n > 0: logits of the last n positions only (HF's name): RL scores responses,
-        not prompts, and skipping the prompt positions saves their share of the head and a
-        full-size gradient in backward."""
+        logits_to_keep: see `keep_positions` (HF's name): RL scores responses, not prompts, and
+        skipping the prompt positions saves their share of the head and a full-size gradient in
+        backward."""
         h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions, segments=segments)
-        if logits_to_keep:
-            if targets is not None:
-                raise ValueError("logits_to_keep is for logits, not with targets")
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        if targets is not None and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep):
+            raise ValueError("logits_to_keep is for logits, not with targets")
+        logits = self.lm_head(keep_positions(h, logits_to_keep))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=ignore_index)

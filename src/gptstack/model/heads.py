@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..common import UserError
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, keep_positions
 
 KINDS = ("reward", "value", "prm", "orm")
 
@@ -53,13 +53,12 @@ class ScalarModel(nn.Module):
         return model.to(next(policy.parameters()).device)
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        """(B, T) ids -> (B, T) scalars (float32), one per position (the last `logits_to_keep`
-        only, when > 0: GPT.forward's argument)."""
-        h = self.trunk.hidden_states(idx, pad_mask=pad_mask, positions=positions)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.head(h).squeeze(-1).float()
+                positions: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T) scalars (float32), one per position (only those `logits_to_keep`
+        selects: GPT.forward's argument). pad_mask / positions / segments: GPT.hidden_states'."""
+        h = self.trunk.hidden_states(idx, pad_mask=pad_mask, positions=positions, segments=segments)
+        return self.head(keep_positions(h, logits_to_keep)).squeeze(-1).float()
 
     def score(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) the scalar at each row's last real token."""

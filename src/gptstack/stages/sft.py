@@ -26,6 +26,7 @@ from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
 from ..data.formats import read_dataset
+from ..data.packing import first_fit_decreasing
 from ..eval import protocol
 from ..tokenizer import Tokenizer
 from ..train.checkpoint import load_stage
@@ -72,17 +73,8 @@ def get_batch(rendered: list[np.ndarray], batch_size: int, seed: int, step: int,
     g = np.random.default_rng([seed, step, micro])
     rows = g.integers(0, len(rendered), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
     if pack_to:
-        bins: list[list[int]] = []   # per packed row: its conversations
-        fill: list[int] = []
-        for r in sorted(rows.tolist(), key=lambda r: -rendered[r].shape[1]):
-            n = rendered[r].shape[1]
-            k = next((i for i, used in enumerate(fill) if used + n <= pack_to), None)
-            if k is None:
-                bins.append([])
-                fill.append(0)
-                k = len(bins) - 1
-            bins[k].append(r)
-            fill[k] += n
+        rows = rows.tolist()
+        bins = [[rows[i] for i in b] for b in first_fit_decreasing([rendered[r].shape[1] for r in rows], pack_to)]
     else:
         bins = [[r] for r in rows.tolist()]
     length = max(sum(rendered[r].shape[1] for r in b) for b in bins)
