@@ -27,3 +27,22 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
         bins[k].append(i)
         fill[k] += n
     return bins
+
+
+def cheapest_packing(lengths: Sequence[int], max_capacity: int, pair_cost: float) -> list[list[int]]:
+    """First-fit-decreasing bins at the capacity, from the longest length (no row longer than
+    needed) up to `max_capacity`, whose rows cost least when every row is padded to the longest:
+    rows x L x (1 + pair_cost x L). The L^2 term is attention, which a packed row computes over
+    all its L x L pairs (a block-diagonal mask skips nothing): packing many short sequences into
+    long rows trades padding for attention, and one prompt's group of equal-length samples (GRPO)
+    is cheapest unpacked."""
+    longest = max(lengths)
+    step = max(1, longest // 2)
+    best_cost, best = float("inf"), []
+    for capacity in sorted({*range(longest, max(max_capacity, longest) + 1, step), max(max_capacity, longest)}):
+        bins = first_fit_decreasing(lengths, capacity)
+        L = max(sum(lengths[i] for i in b) for b in bins)
+        cost = len(bins) * L * (1 + pair_cost * L)
+        if cost < best_cost:
+            best_cost, best = cost, bins
+    return best
