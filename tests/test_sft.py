@@ -50,7 +50,8 @@ def test_batches_pad_right_with_ignored_targets(tok):
         assert (row_y[n:] == -1).all() and (row_x[n:] == 0).all()
 
 
-def test_packed_batches_hold_the_same_conversations_and_give_the_padded_loss(tok):
+@pytest.mark.parametrize("pair_cost", [0.0, 1 / 320])   # 1 / 320: the test model's attention_pair_cost
+def test_packed_batches_hold_the_same_conversations_and_give_the_padded_loss(tok, pair_cost):
     from gptstack.model import GPT, GPTConfig
 
     convs = [[{"role": "user", "content": "hi " * n}, {"role": "assistant", "content": "yo " * (1 + n % 4)}]
@@ -58,7 +59,7 @@ def test_packed_batches_hold_the_same_conversations_and_give_the_padded_loss(tok
     rendered, _ = sft.render_all(tok, convs, 64)
     for step in range(3):
         x, y, _ = sft.get_batch(rendered, 12, seed=1, step=step)
-        px, py, seg = sft.get_batch(rendered, 12, seed=1, step=step, pack_to=64)
+        px, py, seg = sft.get_batch(rendered, 12, seed=1, step=step, pack_to=64, pair_cost=pair_cost)
         assert px.shape[0] < x.shape[0] and px.shape[1] <= 64 and px.numel() < x.numel()
         # the same conversations: each packed run (a segment with targets) is one drawn conversation
         runs = sorted(tuple(px[i][seg[i] == j].tolist()) for i in range(px.shape[0]) for j in seg[i].unique().tolist()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.packing import cheapest_packing
+from ..data.packing import attention_pair_cost, cheapest_packing
 from .sampling import check_prompts, generate
 
 
@@ -52,7 +52,7 @@ class Batch:
         once per batch and shape (policy, reference and critic read the same one)."""
         key = (config.block_size, config.n_embd)
         if key not in self._packings:
-            self._packings[key] = pack(self, config.block_size, pair_cost=1 / (10 * config.n_embd))
+            self._packings[key] = pack(self, config.block_size, attention_pair_cost(config.n_embd))
         return self._packings[key]
 
     @property
@@ -120,10 +120,7 @@ class Packing:
     first-fit-decreasing into rows, with GPT `segments`, so every sequence gets the outputs it
     would get alone and the left/right padding of the (B, P + R) layout (a third of its positions
     on world prompts) is not computed. The row length is the cheapest by `cheapest_packing`'s
-    cost model: rows x L x (1 + pair_cost x L) with pair_cost = 1 / (10 n_embd), fitted to
-    timings of the 1.2 M bench model (n_embd 128: policy + critic step on 16 world rows 440 ms
-    padded, 338 packed into 256-token rows; one prompt's 8 samples 71 ms unpacked, 90 ms packed);
-    attention's share per position falls as the model widens."""
+    cost model (`attention_pair_cost`): one prompt's equal-length samples stay one to a row."""
     ids: torch.Tensor       # (N, L) packed sequences
     segments: torch.Tensor  # (N, L) sequence number within the row (the tail padding a run of its own)
     keep: torch.Tensor      # (N, K) positions whose outputs predict a response token (0-padded)

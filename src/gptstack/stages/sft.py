@@ -26,7 +26,7 @@ from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
 from ..data.formats import read_dataset
-from ..data.packing import first_fit_decreasing
+from ..data.packing import attention_pair_cost, cheapest_packing
 from ..eval import protocol
 from ..tokenizer import Tokenizer
 from ..train.checkpoint import load_stage
@@ -63,18 +63,21 @@ def render_all(tok: Tokenizer, conversations: list[list[dict]], block_size: int)
 
 
 def get_batch(rendered: list[np.ndarray], batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0,
-              world_size: int = 1, pack_to: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              world_size: int = 1, pack_to: int = 0, pair_cost: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> (inputs, targets, segments or None). Like pretraining, which conversations are drawn
     depends only on (seed, step, micro, rank). Without packing: one right-padded row each. With
     `pack_to` = L: the same conversations packed first-fit-decreasing into rows of at most L
-    tokens, `segments` numbering the conversations of each row (the model keeps attention and
-    positions within one, see GPT.hidden_states), so the loss is the padded batch's while the
-    ~40 % of padding a world batch carries is mostly gone."""
+    tokens (at the row length `cheapest_packing` finds cheapest for `pair_cost`), `segments`
+    numbering the conversations of each row (the model keeps attention and positions within one,
+    see GPT.hidden_states), so the loss is the padded batch's while the ~40 % of padding a world
+    batch carries is mostly gone."""
     g = np.random.default_rng([seed, step, micro])
     rows = g.integers(0, len(rendered), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
     if pack_to:
         rows = rows.tolist()
-        bins = [[rows[i] for i in b] for b in first_fit_decreasing([rendered[r].shape[1] for r in rows], pack_to)]
+        lengths = [rendered[r].shape[1] for r in rows]
+        bins = [[rows[i] for i in b] for b in cheapest_packing(lengths, pack_to, pair_cost)]
     else:
         bins = [[r] for r in rows.tolist()]
     length = max(sum(rendered[r].shape[1] for r in b) for b in bins)
@@ -137,7 +140,8 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
         x, y, seg = get_batch(rendered, tc.batch_size, tc.seed, step, micro, info.rank, info.world,
-                              pack_to=cfg.model.block_size if tc.packing else 0)
+                              pack_to=cfg.model.block_size if tc.packing else 0,
+                              pair_cost=attention_pair_cost(cfg.model.n_embd))
         return session.step_model(x.to(info.device), y.to(info.device),
                                   segments=None if seg is None else seg.to(info.device))
 
