@@ -290,7 +290,7 @@ class GPT(nn.Module):
         skipping the prompt positions saves their share of the head and a full-size gradient in
         backward."""
         h = self.hidden_states(idx, cache, pad_mask=pad_mask, positions=positions, segments=segments)
-        if targets is not None and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep):
+        if targets is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("logits_to_keep is for logits, not with targets")
         logits = self.lm_head(keep_positions(h, logits_to_keep))
         if targets is None:
