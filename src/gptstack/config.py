@@ -133,6 +133,9 @@ class RMConfig(TrainConfig):
     norm_prompts: int = field(default=256, metadata={"help": "prompts the SFT policy answers (one sample each, T = 1) to normalise the reward to mean 0, std 1"})
     max_new_tokens: int = field(default=96, metadata={"help": "response length limit of the policy samples (normalisation, policy/accuracy)"})
     score_batch_size: int = field(default=64, metadata={"help": "sequences per scoring batch (evaluation, normalisation)"})
+    lm_coef: float = field(default=0.0, metadata={"help": "weight of a language-modelling loss on each prompt's best response, through the trunk's LM head (Cobbe et al. 2021's joint verifier objective; 0 = off)"})
+    likelihood_score: bool = field(default=False, metadata={"help": "score = head + c x the response's mean token log-likelihood under the RM's own LM head, c learned (generative verifier / DPO-style implicit reward)"})
+    likelihood_init: float = field(default=0.0, metadata={"help": "rm.likelihood_score: the starting c (0: scores start at 0; 1: the RM starts as its trunk's own likelihood judge)"})
 
 
 @dataclass

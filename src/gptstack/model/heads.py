@@ -6,10 +6,22 @@
     save_scalar_model(stage_dir, rm, cfg.to_dict());  rm, cfg = load_scalar_model(stage_dir, "reward")
 
 The head is a linear map of the trunk's final (normed) hidden state, as in InstructGPT's RM and
-TRL's value heads. The trunk's language-model head is dropped: nothing reads it, and an unused
-parameter would trip DDP. A reward model is read at the last real token of prompt + response
-(its <|assistant_end|> when the response ended), which `score` finds from the pad mask, so left
-padding, right padding or holes give the same score as the sequence alone.
+TRL's value heads. The trunk's language-model head is dropped unless asked for (`lm_head=True`):
+by default nothing reads it, and an unused parameter would trip DDP. A reward model is read at the
+last real token of prompt + response (its <|assistant_end|> when the response ended), which
+`score` finds from the pad mask, so left padding, right padding or holes give the same score as
+the sequence alone.
+
+Two options for reward models (stages/rm.py; both off for PPO's critic and the PRM):
+  lm_head=True           keep the trunk's LM head: the RM trains with a joint language-modelling
+                         loss (Cobbe et al. 2021); `forward(..., return_logits=True)` returns it.
+  response_start_id=i    a likelihood term in every scalar (implies lm_head): value at position t
+                         = head(h_t) + c * the mean over the response tokens so far of
+                         log p(token | prefix) under the LM head, c a learned scalar starting at 0.
+                         The response is what follows the latest token i (<|assistant_start|>), so
+                         the model finds it from the ids alone and every caller of `score` gets
+                         the same reward whatever the padding (Generative Verifiers, DPO's
+                         implicit reward). Sequences without token i get no likelihood term.
 
 Normalisation (the RM's scores on the SFT policy's responses having mean 0 and std 1) is folded
 into the head's weight and bias (`normalize`), so a saved RM's raw output is already normalised.
@@ -31,34 +43,68 @@ KINDS = ("reward", "value", "prm", "orm")
 
 
 class ScalarModel(nn.Module):
-    def __init__(self, config: GPTConfig, kind: str = "reward"):
+    def __init__(self, config: GPTConfig, kind: str = "reward", lm_head: bool = False,
+                 response_start_id: int | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"scalar head kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         self.kind = kind
         self.config = config
         self.trunk = GPT(config)
-        self.trunk.lm_head = None  # only hidden states are read (see the module docstring)
+        if not lm_head and response_start_id is None:
+            self.trunk.lm_head = None  # only hidden states are read (see the module docstring)
         self.head = nn.Linear(config.n_embd, 1)
         # zero head: every score starts at 0, so a Bradley-Terry loss starts at exactly log 2 and the
         # first steps train the head before they move the trunk
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if response_start_id is not None:
+            # the likelihood term's weight, 0 at start (scores still start at 0); a 0-dim parameter,
+            # so the optimizer never decays it; the start token's id is saved with the weights
+            self.likelihood_coef = nn.Parameter(torch.zeros(()))
+            self.register_buffer("response_start_id", torch.tensor(int(response_start_id)))
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.trunk.lm_head is not None
+
+    @property
+    def likelihood_score(self) -> bool:
+        return hasattr(self, "likelihood_coef")
 
     @classmethod
-    def from_policy(cls, policy: GPT, kind: str = "reward") -> "ScalarModel":
-        model = cls(policy.config, kind)
-        trunk_state = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head.")}
+    def from_policy(cls, policy: GPT, kind: str = "reward", lm_head: bool = False,
+                    response_start_id: int | None = None) -> "ScalarModel":
+        model = cls(policy.config, kind, lm_head, response_start_id)
+        keep_lm = model.has_lm_head
+        trunk_state = {k: v for k, v in policy.state_dict().items() if keep_lm or not k.startswith("lm_head.")}
         model.trunk.load_state_dict(trunk_state, strict=True)
         return model.to(next(policy.parameters()).device)
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                return_logits: bool = False, segments: torch.Tensor | None = None):
         """(B, T) ids -> (B, T) scalars (float32), one per position (only those `logits_to_keep`
-        selects: GPT.forward's argument). pad_mask / positions / segments: GPT.hidden_states'."""
+        selects: GPT.forward's argument). pad_mask / positions / segments: GPT.hidden_states'.
+        return_logits: -> (scalars, LM logits (float32) at the same positions), both in one call
+        so DDP sees every parameter that gets a gradient."""
         h = self.trunk.hidden_states(idx, pad_mask=pad_mask, positions=positions, segments=segments)
-        return self.head(keep_positions(h, logits_to_keep)).squeeze(-1).float()
+        if return_logits and not self.has_lm_head:
+            raise ValueError("return_logits: this scalar model has no LM head (build it with lm_head=True)")
+        logits = None
+        if self.likelihood_score or return_logits:
+            # all positions: the likelihood term is a running mean from the response's start
+            logits = self.trunk.lm_head(h).float()
+        h = keep_positions(h, logits_to_keep)
+        values = self.head(h).squeeze(-1).float()
+        if self.likelihood_score:
+            start_id = int(self.response_start_id)
+            logp, in_response = response_token_logprobs(idx, logits, start_id, pad_mask)
+            term = running_response_mean(idx, logp, in_response, start_id)
+            values = values + self.likelihood_coef * keep_positions(term, logits_to_keep)
+        if return_logits:
+            return values, keep_positions(logits, logits_to_keep)
+        return values
 
     def score(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) the scalar at each row's last real token."""
@@ -71,6 +117,47 @@ class ScalarModel(nn.Module):
             raise ValueError(f"cannot normalise scores with std {std}")
         self.head.weight.div_(std)
         self.head.bias.sub_(mean).div_(std)
+        if self.likelihood_score:
+            self.likelihood_coef.div_(std)
+
+
+def latest_start(idx: torch.Tensor, start_id: int) -> torch.Tensor:
+    """(B, T) index of the latest `start_id` token at or before each position (-1: none yet)."""
+    t = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+    return torch.where(idx == start_id, t, -1).cummax(dim=1).values
+
+
+def response_token_logprobs(idx: torch.Tensor, logits: torch.Tensor, start_id: int,
+                            pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logp, in_response), both (B, T): logp[b, s] = log p(idx[b, s] | the real tokens before
+    it), read from the logits at the previous *real* position (so a hole in the padding changes
+    nothing); in_response[b, s] marks the real tokens after the latest `start_id` at or before s
+    (the start token itself excluded). logp is 0 where in_response is False."""
+    B, T = idx.shape
+    t = torch.arange(T, device=idx.device).expand(B, T)
+    real = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask.to(idx.device).bool()
+    last_real = torch.where(real, t, -1).cummax(dim=1).values
+    prev = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)   # the real token before s
+    start = latest_start(idx, start_id)
+    in_response = real & (start >= 0) & (t > start) & (prev >= 0)
+    rows = torch.arange(B, device=idx.device)[:, None]
+    src = prev.clamp(min=0)
+    # log_softmax at the gathered entries only: the token's logit minus the logsumexp at its source
+    logp = logits[rows, src, idx] - torch.logsumexp(logits, dim=-1)[rows, src]
+    return torch.where(in_response, logp, torch.zeros_like(logp)), in_response
+
+
+def running_response_mean(idx: torch.Tensor, logp: torch.Tensor, in_response: torch.Tensor,
+                          start_id: int) -> torch.Tensor:
+    """(B, T) at each position t, the mean of logp over the response tokens in (latest start, t]
+    (`response_token_logprobs`' outputs); 0 where there is none (before the first response token)."""
+    start = latest_start(idx, start_id)
+    sums, counts = logp.cumsum(1), in_response.long().cumsum(1)
+    # cumulative sums since the start token: subtract their value at the start token itself
+    base, has_start = start.clamp(min=0), start >= 0
+    sums = sums - torch.where(has_start, sums.gather(1, base), torch.zeros_like(sums))
+    counts = counts - torch.where(has_start, counts.gather(1, base), torch.zeros_like(counts))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
 def last_real_index(pad_mask: torch.Tensor) -> torch.Tensor:
@@ -122,26 +209,46 @@ def score_ids(rm: ScalarModel, seqs: list[list[int]], batch_size: int = 64) -> l
     return out
 
 
+def scalar_metadata(model: ScalarModel) -> dict:
+    """The weights' header entries that say how to rebuild `model`: its kind, and whether it has
+    an LM head (not inferable from the tensors when the head is tied to the embedding)."""
+    return {"gptstack_head": model.kind, **({"gptstack_lm_head": "true"} if model.has_lm_head else {})}
+
+
+def scalar_weights(state_dict: dict) -> dict:
+    """A scalar model's state dict as saved: a tied LM head shares the embedding's storage, which
+    safetensors refuses, so it is stored once (the GPT constructor ties it again on load)."""
+    lm, emb = state_dict.get("trunk.lm_head.weight"), state_dict.get("trunk.tok_emb.weight")
+    if lm is not None and emb is not None and lm.data_ptr() == emb.data_ptr():
+        return {k: v for k, v in state_dict.items() if k != "trunk.lm_head.weight"}
+    return state_dict
+
+
 def save_scalar_model(stage_dir: str | Path, model: ScalarModel, config: dict, state_dict: dict | None = None) -> None:
     """model.safetensors (with the head's kind in its metadata) + config.json."""
     from ..train.checkpoint import save_model
 
-    save_model(Path(stage_dir), state_dict if state_dict is not None else model.state_dict(), config,
-               metadata={"gptstack_head": model.kind})
+    save_model(Path(stage_dir), scalar_weights(state_dict if state_dict is not None else model.state_dict()), config,
+               metadata=scalar_metadata(model))
 
 
-def scalar_kind(stage_dir: str | Path) -> str | None:
-    """The head kind a stage's weights were saved with, or None for a language model."""
+def _metadata(stage_dir: str | Path) -> dict | None:
     path = Path(stage_dir) / "model.safetensors"
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("gptstack_head")
+        return f.metadata() or {}
+
+
+def scalar_kind(stage_dir: str | Path) -> str | None:
+    """The head kind a stage's weights were saved with, or None for a language model."""
+    return (_metadata(stage_dir) or {}).get("gptstack_head")
 
 
 def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS, device: str = "cpu"):
     """A stage directory holding a scalar-head model -> (ScalarModel, Config). Refuses anything else
-    (a language model, a PRM where a reward model is wanted) with a clear error."""
+    (a language model, a PRM where a reward model is wanted) with a clear error. The model comes
+    back as it was saved: with an LM head and a likelihood term where it had them."""
     from ..config import config_from_dict
 
     stage_dir = Path(stage_dir)
@@ -149,13 +256,19 @@ def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS
     cfg_path, weights = stage_dir / "config.json", stage_dir / "model.safetensors"
     if not weights.exists() or not cfg_path.exists():
         raise UserError(f"{stage_dir}: no model here (expected model.safetensors and config.json)")
-    found = scalar_kind(stage_dir)
+    meta = _metadata(stage_dir) or {}
+    found = meta.get("gptstack_head")
     if found not in kinds:
         what = "a language model (no scalar head)" if found is None else f"a {found} model"
         raise UserError(f"{stage_dir}: expected a {' or '.join(kinds)} model, found {what}")
     cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-    model = ScalarModel(cfg.model, found)
-    missing, unexpected = model.load_state_dict(load_file(str(weights), device=device), strict=False)
+    state = load_file(str(weights), device=device)
+    start = state.get("response_start_id")
+    model = ScalarModel(cfg.model, found, lm_head=meta.get("gptstack_lm_head") == "true",
+                        response_start_id=None if start is None else int(start))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.has_lm_head and cfg.model.tie_embeddings:   # stored once, as the embedding (scalar_weights)
+        missing = [k for k in missing if k != "trunk.lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device), cfg

@@ -31,6 +31,22 @@ both sides) is held out. On it, summary.json reports (DESIGN.md):
                                    log-likelihood per token, a discriminator needing no training
 Finally the reward is normalised (folded into the head) so the SFT policy's responses (one sample
 at T = 1 for each of rm.norm_prompts training prompts) score mean 0, std 1. Writes RUN/rm.
+
+Two options keep the trunk's LM head (model/heads.py), both off by default:
+  rm.lm_coef = w           loss = Bradley–Terry + w x the next-token cross-entropy of each prompt's
+                           best response (its tokens after <|assistant_start|>, the end token
+                           included; mean over the micro-batch's tokens): the verifier keeps
+                           modelling the responses it judges (Cobbe et al. 2021). The head is a
+                           training aid only: RUN/rm is saved without it, so downstream stages (PPO
+                           builds its critic from the RM) see a plain reward model.
+  rm.likelihood_score      score = head(h_last) + c x the response's mean log p(token) under the
+                           RM's own LM head, c learned (from rm.likelihood_init) by the
+                           Bradley–Terry loss (the trunk
+                           moves too, so it is the RM's likelihood, not the policy's). RUN/rm keeps
+                           the LM head. Beware in RL: a policy optimised against this reward is
+                           paid for text the RM finds likely, i.e. for collapsing towards the
+                           SFT distribution's modes (short, stereotyped answers), an incentive a
+                           KL penalty does not remove (it pushes the same way).
 """
 from __future__ import annotations
 
@@ -51,8 +67,9 @@ from ..common import UserError
 from ..config import Config
 from ..data.formats import read_dataset
 from ..eval.protocol import wilson_interval
-from ..model.heads import ScalarModel, score_ids, sequence_scores
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..model.heads import (ScalarModel, gather_last, pad_sequences, response_token_logprobs, scalar_metadata,
+                           scalar_weights, score_ids, sequence_scores)
+from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
 from ..train.checkpoint import load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
@@ -154,6 +171,24 @@ def bradley_terry_loss(scores: torch.Tensor, groups: list[list[tuple[int, int]]]
     lose = torch.tensor([lo for g in groups for _, lo in g], device=scores.device)
     weight = torch.tensor([1.0 / len(g) for g in groups for _ in g], device=scores.device)
     return -(F.logsigmoid(scores[win] - scores[lose]) * weight).sum() / len(groups)
+
+
+def response_lm_loss(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], start_id: int,
+                     pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens (those after the latest `start_id`,
+    <|assistant_start|>) of the sequences `rows` of a batch; logits (B, T, vocab) of ids (B, T)."""
+    r = torch.tensor(rows, device=ids.device)
+    logp, in_response = response_token_logprobs(ids[r], logits[r], start_id, None if pad_mask is None else pad_mask[r])
+    return -logp.sum() / in_response.sum().clamp(min=1)
+
+
+def best_rows(items: list[dict]) -> list[int]:
+    """Each prompt's best response (its ranking's first) as an index into `collate`'s sequences."""
+    out, k = [], 0
+    for x in items:
+        out.append(k + x["row"]["ranking"][0])
+        k += len(x["seqs"])
+    return out
 
 
 def collate(items: list[dict]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
@@ -339,7 +374,16 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
 
     # --- model: the SFT trunk, a zero head (every score starts at 0, the loss at log 2) -------------
-    rm = ScalarModel.from_policy(policy, "reward")
+    if tc.lm_coef < 0:
+        raise UserError(f"rm.lm_coef: expected a weight >= 0, got {tc.lm_coef}")
+    start_id = tok.special(ASSISTANT_START)
+    rm = ScalarModel.from_policy(policy, "reward", lm_head=tc.lm_coef > 0,
+                                 response_start_id=start_id if tc.likelihood_score else None)
+    if tc.likelihood_score:
+        # Adam moves a scalar by about lr per step, so from 0 c stays ~0.01 over an epoch at lr 3e-4:
+        # rm.likelihood_init = 1 starts from the trunk's own likelihood ranking instead
+        with torch.no_grad():
+            rm.likelihood_coef.fill_(tc.likelihood_init)
     rm.train()
     session = Session.start(tc, STAGE, rm, stage_dir, info, cfg.to_dict(), state)
     print0(f"rm: {len(train):,} training prompts ({counts['train/pairs']:,} pairs), {len(held):,} held out; "
@@ -357,8 +401,15 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
         rows = batch_rows(len(train), tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
-        seqs, groups = collate([train[i] for i in rows])
-        return bradley_terry_loss(sequence_scores(session.step_model, seqs), groups)
+        items = [train[i] for i in rows]
+        seqs, groups = collate(items)
+        if not tc.lm_coef:
+            return bradley_terry_loss(sequence_scores(session.step_model, seqs), groups)
+        # one forward for scores and LM logits (DDP: every parameter that gets a gradient in one call)
+        ids, mask = pad_sequences(seqs, next(rm.parameters()).device)
+        values, logits = session.step_model(ids, return_logits=True)
+        bt = bradley_terry_loss(gather_last(values, mask), groups)
+        return bt + tc.lm_coef * response_lm_loss(logits, ids, best_rows(items), start_id, mask)
 
     # --- train -------------------------------------------------------------------------------------
     def evaluate() -> dict:
@@ -395,7 +446,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
                    "wall_seconds": time.perf_counter() - t_start}
         if loss is not None:
             summary["train/final_loss"] = loss
-    session.finish(summary, metadata={"gptstack_head": rm.kind},
+    session.finish(summary, metadata=saved_metadata(rm), weights=saved_weights(rm),
                    **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
     if info.is_main:
         cvw = summary.get("eval/correct_vs_wrong_accuracy")
@@ -405,6 +456,26 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
                + f"; wrote {stage_dir}")
     cleanup(info)
     return summary
+
+
+def saved_metadata(rm: ScalarModel) -> dict:
+    """Header of RUN/rm's weights: an LM head only the training loss read (rm.lm_coef without
+    rm.likelihood_score) is not saved (`saved_weights`), so the header does not announce it."""
+    meta = scalar_metadata(rm)
+    if not rm.likelihood_score:
+        meta.pop("gptstack_lm_head", None)
+    return meta
+
+
+def saved_weights(rm: ScalarModel):
+    """-> the `weights` argument of Session.finish: the state dict RUN/rm holds. Without the
+    likelihood term the LM head is dropped: the scores do not read it, and PPO builds its critic
+    from the RM, where an unused parameter would trip DDP."""
+    def pick(state: dict) -> dict:
+        if not rm.likelihood_score:
+            state = {k: v for k, v in state.items() if not k.startswith("trunk.lm_head.")}
+        return scalar_weights(state)
+    return pick
 
 
 def normalization(rm: ScalarModel, policy, tok: Tokenizer, prompts: list[list[dict]], tc, seed: int) -> tuple[float, float]:
