@@ -18,7 +18,9 @@ from gptstack.tokenizer import ASSISTANT_END, ASSISTANT_START, USER_START, Token
 from gptstack.train.checkpoint import check_same_tokenizer, save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "rm.batch_size=8",
-         "rm.log_every=5", "rm.norm_prompts=16", "rm.max_new_tokens=8", "rm.warmup_steps=2", "rm.threads=1"]
+         "rm.log_every=5", "rm.norm_prompts=16", "rm.max_new_tokens=8", "rm.warmup_steps=2", "rm.threads=1",
+         # the plain Bradley-Terry RM (the tiny recipe adds the likelihood term and LM loss: test_rm_lm.py)
+         "rm.likelihood_score=false", "rm.lm_coef=0.0"]
 
 
 @pytest.fixture(scope="module")
