@@ -47,9 +47,9 @@ def cheapest_packing(lengths: Sequence[int], max_capacity: int, pair_cost: float
     long rows trades padding for attention, and one prompt's group of equal-length samples (GRPO)
     is cheapest unpacked."""
     longest = max(lengths)
-    step = max(1, longest // 2)
+    top = max(max_capacity, longest)
     best_cost, best = float("inf"), []
-    for capacity in sorted({*range(longest, max(max_capacity, longest) + 1, step), max(max_capacity, longest)}):
+    for capacity in sorted({*range(longest, top + 1, max(1, longest // 2)), top}):
         bins = first_fit_decreasing(lengths, capacity)
         L = max(sum(lengths[i] for i in b) for b in bins)
         cost = len(bins) * L * (1 + pair_cost * L)

@@ -41,9 +41,8 @@ Two options keep the trunk's LM head (model/heads.py), both off by default:
                            builds its critic from the RM) see a plain reward model.
   rm.likelihood_score      score = head(h_last) + c x the response's mean log p(token) under the
                            RM's own LM head, c learned (from rm.likelihood_init) by the
-                           Bradley–Terry loss (the trunk
-                           moves too, so it is the RM's likelihood, not the policy's). RUN/rm keeps
-                           the LM head. Beware in RL: a policy optimised against this reward is
+                           Bradley–Terry loss (the trunk moves too, so it is the RM's likelihood,
+                           not the policy's). RUN/rm keeps the LM head. Beware in RL: a policy optimised against this reward is
                            paid for text the RM finds likely, i.e. for collapsing towards the
                            SFT distribution's modes (short, stereotyped answers), an incentive a
                            KL penalty does not remove (it pushes the same way).

@@ -73,13 +73,13 @@ def get_batch(rendered: list[np.ndarray], batch_size: int, seed: int, step: int,
     see GPT.hidden_states), so the loss is the padded batch's while the ~40 % of padding a world
     batch carries is mostly gone."""
     g = np.random.default_rng([seed, step, micro])
-    rows = g.integers(0, len(rendered), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
+    drawn = g.integers(0, len(rendered), size=batch_size * world_size)
+    rows = drawn[rank * batch_size : (rank + 1) * batch_size].tolist()
     if pack_to:
-        rows = rows.tolist()
         lengths = [rendered[r].shape[1] for r in rows]
         bins = [[rows[i] for i in b] for b in cheapest_packing(lengths, pack_to, pair_cost)]
     else:
-        bins = [[r] for r in rows.tolist()]
+        bins = [[r] for r in rows]
     length = max(sum(rendered[r].shape[1] for r in b) for b in bins)
     x = np.zeros((len(bins), length), dtype=np.int64)
     y = np.full((len(bins), length), -1, dtype=np.int64)
