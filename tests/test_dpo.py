@@ -12,7 +12,7 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.data.formats import read_dataset
-from gptstack.eval.protocol import pad_right, sequence_logprobs, summed_logprobs
+from gptstack.engine.rollout import sequence_logprobs, summed_logprobs
 from gptstack.model import GPT, GPTConfig
 from gptstack.stages import dpo
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
@@ -70,17 +70,17 @@ def tiny_gpt(seed: int = 0, vocab: int = 60) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, block_size=32))
 
 
-def test_padding_does_not_change_sequence_logprobs():
+def test_sequence_logprobs_equal_a_forward_of_each_sequence_alone():
     model = tiny_gpt().eval()
-    prompts, responses = [[1, 2, 3], [4, 5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14, 15, 16]]
-    ids, mask = pad_right(prompts, responses)
-    assert ids.shape == (2, 11) and mask[0].tolist() == [False, False, True, True] + [False] * 6
-    batched = summed_logprobs(model, ids, mask)
+    prompts, responses = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [7]], [[10, 11], [12, 13, 14, 15, 16], []]
+    batched = summed_logprobs(model, prompts, responses)
+    cooled = summed_logprobs(model, prompts, responses, temperature=0.5)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        alone = summed_logprobs(model, *pad_right([p], [r]))
-        logp = torch.log_softmax(model(torch.tensor([p + r]))[0].float(), -1)
-        by_hand = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
-        assert batched[i].item() == pytest.approx(alone.item(), abs=1e-5) == pytest.approx(by_hand, abs=1e-5)
+        logits = model(torch.tensor([p + r]))[0].float()
+        for t, got in ((1.0, batched), (0.5, cooled)):
+            logp = torch.log_softmax(logits / t, -1)
+            by_hand = sum(logp[len(p) - 1 + j, tok].item() for j, tok in enumerate(r))  # 0 for the empty one
+            assert got[i].item() == pytest.approx(by_hand, abs=1e-5)
     assert sequence_logprobs(model, prompts, responses, batch_size=1) == pytest.approx(batched.tolist(), abs=1e-5)
 
 
@@ -90,8 +90,7 @@ def test_loss_is_log2_when_the_policy_is_the_reference():
     chosen, rejected = [[10, 11, 12], [13], [14, 15]], [[16], [17, 18, 19, 20], [21, 22, 23]]
     ref_c = torch.tensor(sequence_logprobs(model, prompts, chosen))   # precomputed one way (no grad, batch 32)...
     ref_r = torch.tensor(sequence_logprobs(model, prompts, rejected))
-    ids, mask = pad_right(prompts + prompts, chosen + rejected)          # ...and the training way (one padded batch)
-    logps = summed_logprobs(model, ids, mask)
+    logps = summed_logprobs(model, prompts + prompts, chosen + rejected)  # ...and the training way (one batch)
     for loss_args in ({}, {"label_smoothing": 0.1}):
         loss, rc, rr = dpo.dpo_loss(logps[:3], logps[3:], ref_c, ref_r, beta=0.1, **loss_args)
         assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -103,9 +102,8 @@ def test_a_gradient_step_on_a_tiny_model_raises_chosen_and_lowers_rejected():
     prompts, chosen, rejected = [[1, 2, 3, 4]] * 2, [[10, 11, 12, 13], [20, 21]], [[30, 31, 32], [40, 41, 42, 43]]
     ref_c, ref_r = (torch.tensor(sequence_logprobs(model, prompts, r)) for r in (chosen, rejected))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ids, mask = pad_right(prompts + prompts, chosen + rejected)
     for _ in range(5):
-        logps = summed_logprobs(model, ids, mask)
+        logps = summed_logprobs(model, prompts + prompts, chosen + rejected)
         loss, rc, rr = dpo.dpo_loss(logps[:2], logps[2:], ref_c, ref_r, beta=0.5)
         opt.zero_grad()
         loss.backward()

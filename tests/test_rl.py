@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from gptstack.engine import generate
-from gptstack.engine.rollout import make_batch, rollout, token_logprobs, token_values
-from gptstack.eval.protocol import sequence_logprobs
+from gptstack.engine.rollout import make_batch, rollout, sequence_logprobs, token_logprobs, token_values
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel
 from gptstack.train.rl import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae,

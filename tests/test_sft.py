@@ -7,7 +7,8 @@ import torch
 
 from gptstack.common import UserError
 from gptstack.config import build_config
-from gptstack.eval.protocol import sequence_logprobs, wilson_interval
+from gptstack.engine.rollout import sequence_logprobs
+from gptstack.eval.protocol import wilson_interval
 from gptstack.stages import pretrain, sft
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.packing import attention_pair_cost, cheapest_packing
 from .sampling import check_prompts, generate
@@ -165,13 +166,20 @@ def pack(batch: Batch, max_capacity: int, pair_cost: float) -> Packing:
     return Packing(packed.to(device), segments.to(device), keep.to(device), targets.to(device), index.to(device))
 
 
+def model_config(model):
+    """The GPTConfig of a model, also through wrappers that hide it (DDP keeps the model as .module)."""
+    while not hasattr(model, "config"):
+        model = model.module
+    return model.config
+
+
 def token_logprobs(model, batch: Batch, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log π(response token k | prefix) at `temperature` (float32), and optionally the
     entropy of each of those distributions (a figure to log: no gradient). Pads come out 0. The
     logprobs are differentiable (call under no_grad for reference logprobs). Computed over the
     batch's packing: only the response-predicting positions reach the LM head."""
-    packing = batch.packing(model.config)
+    packing = batch.packing(model_config(model))
     logits = model(packing.ids, segments=packing.segments, logits_to_keep=packing.keep).float()  # (N, K, V)
     if temperature != 1.0:
         logits = logits / temperature
@@ -186,5 +194,31 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0,
 
 def token_values(critic, batch: Batch) -> torch.Tensor:
     """(B, R) the critic's value of the state before each response token (pads 0)."""
-    packing = batch.packing(critic.config)
+    packing = batch.packing(model_config(critic))
     return packing.unpack(critic(packing.ids, segments=packing.segments, logits_to_keep=packing.keep)) * batch.mask
+
+
+def summed_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                    temperature: float = 1.0) -> torch.Tensor:
+    """(B,) sum over each response's tokens of log p(token | prompt, earlier tokens) at temperature
+    T: `token_logprobs` over the pairs' packing, so DPO's loss, the eval protocol's KL and the
+    RM's likelihood baseline read the numbers RL trains on. Differentiable; an empty response sums to 0."""
+    device = next(model.parameters()).device
+    rows = [i for i, r in enumerate(responses) if len(r)]
+    out = torch.zeros(len(responses), device=device)
+    if rows:
+        batch = make_batch([prompts[i] for i in rows], [responses[i] for i in rows], rows, [True] * len(rows))
+        out = out.index_put((torch.tensor(rows, device=device),),
+                            token_logprobs(model, batch.to(device), temperature)[0].sum(1))
+    return out
+
+
+@torch.inference_mode()
+def sequence_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      temperature: float = 1.0, batch_size: int = 32, desc: str | None = None) -> list[float]:
+    """`summed_logprobs` without gradients, `batch_size` sequences at a time (`desc`: a progress bar)."""
+    out: list[float] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch",
+                  dynamic_ncols=True, mininterval=1.0):
+        out += summed_logprobs(model, prompts[i : i + batch_size], responses[i : i + batch_size], temperature).tolist()
+    return out

@@ -21,9 +21,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import torch
-from tqdm.auto import tqdm
-
 from .. import world
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from .config import EvalConfig
@@ -101,41 +98,6 @@ def _cut_base_response(text: str) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def pad_right(prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + response rows, right-padded with 0 -> (ids (B, L), response_mask (B, L - 1)):
-    response_mask[b, t] is True where ids[b, t + 1] is a response token (the targets to score).
-    Right padding suffices: causal attention never lets a real token see the pads after it."""
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), max(length - 1, 0), dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        ids[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[row, len(p) - 1 : len(p) + len(r) - 1] = True
-    return ids, mask
-
-
-def summed_logprobs(model, ids: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B,) sum over the masked targets of log p(token | prefix) at temperature T; differentiable,
-    so a training loss (DPO) and the no-grad `sequence_logprobs` share one computation."""
-    logits = model(ids)[:, :-1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return torch.where(response_mask, logp, 0.0).sum(dim=1)
-
-
-@torch.inference_mode()
-def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
-                      batch_size: int = 32, desc: str | None = None) -> list[float]:
-    """Sum over response tokens of log p(token | prefix), per sequence, under `model` at temperature
-    T (no grad). `desc`: show a progress bar with this label."""
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch",
-                  dynamic_ncols=True, mininterval=1.0):
-        ids, mask = pad_right(prompts[i : i + batch_size], responses[i : i + batch_size])
-        out += summed_logprobs(model, ids.to(device), mask.to(device), temperature).tolist()
-    return out
-
-
 def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig, cfg: EvalConfig,
                     chat: bool = True, reference_model=None, prefix: str = "eval",
                     reward_model=None) -> tuple[dict, list[dict]]:
@@ -203,6 +165,7 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
     else:
         flat_prompts = [p for p, samples in zip(prompts, sampled) for _ in samples]
         flat_tokens = [c.tokens for samples in sampled for c in samples]
+        from ..engine.rollout import sequence_logprobs  # noqa: PLC0415 (as generate above)
         policy_lp = sequence_logprobs(model, flat_prompts, flat_tokens)
         ref_lp = sequence_logprobs(reference_model, flat_prompts, flat_tokens)
         out[f"{prefix}/kl_to_sft"] = sum(a - b for a, b in zip(policy_lp, ref_lp)) / len(flat_tokens)

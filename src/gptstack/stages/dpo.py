@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from ..common import UserError, atomic_write_text
 from ..config import Config
 from ..data.formats import Dataset, read_dataset
+from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
-from ..eval.protocol import pad_right, sequence_logprobs, summed_logprobs
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train.checkpoint import load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
@@ -300,8 +300,8 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
         rows = batch_pairs(train, tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
         chosen, rejected = torch.from_numpy(data.pairs[rows, 0]), torch.from_numpy(data.pairs[rows, 1])
         seqs = torch.cat([chosen, rejected])  # chosen and rejected in one forward, as TRL does
-        ids, mask = pad_right([data.prompts[s] for s in seqs.tolist()], [data.responses[s] for s in seqs.tolist()])
-        summed = summed_logprobs(session.step_model, ids.to(info.device), mask.to(info.device))
+        summed = summed_logprobs(session.step_model, [data.prompts[s] for s in seqs.tolist()],
+                                 [data.responses[s] for s in seqs.tolist()])
         logps = per_token(summed, seqs)
         pc, pr = logps[: len(rows)], logps[len(rows):]
         loss, rc, rr = dpo_loss(pc, pr, ref_logps[chosen].to(pc.device), ref_logps[rejected].to(pc.device),

@@ -298,7 +298,7 @@ def policy_accuracy(policy, tok: Tokenizer, tasks: list, max_new_tokens: int) ->
 def likelihood_scores(policy, tok: Tokenizer, items: list[dict]) -> list[list[float]]:
     """Per response, the SFT policy's mean log-probability per token: a discriminator with no
     training at all (the generator's own knowledge), to read the RM's figures against."""
-    from ..eval.protocol import sequence_logprobs  # noqa: PLC0415
+    from ..engine.rollout import sequence_logprobs  # noqa: PLC0415
 
     prompts, responses, shape = [], [], []
     for x in items:
@@ -332,6 +332,8 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
                         "on rank 0 alone, which a sharded model cannot); use DDP, the default under torchrun")
     if not 0 < tc.eval_fraction < 1:
         raise UserError(f"rm.eval_fraction: expected a fraction in (0, 1), got {tc.eval_fraction}")
+    if tc.lm_coef < 0:
+        raise UserError(f"rm.lm_coef: expected a weight >= 0, got {tc.lm_coef}")
     source, run_dir = Path(source), Path(out)
     stage_dir = run_dir / STAGE
     policy, source_cfg, tok = load_stage(source, info.device)
@@ -373,8 +375,6 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
 
     # --- model: the SFT trunk, a zero head (every score starts at 0, the loss at log 2) -------------
-    if tc.lm_coef < 0:
-        raise UserError(f"rm.lm_coef: expected a weight >= 0, got {tc.lm_coef}")
     start_id = tok.special(ASSISTANT_START)
     rm = ScalarModel.from_policy(policy, "reward", lm_head=tc.lm_coef > 0,
                                  response_start_id=start_id if tc.likelihood_score else None)
