@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptstack.common import UserError
 from gptstack.config import Config, build_config
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel, load_scalar_model, pad_sequences, save_scalar_model, score_ids
@@ -196,6 +197,14 @@ def test_lm_coef_reaches_the_loss(tmp_path, tok, monkeypatch):  # noqa: F811
     summary = rm_stage.run(cfg, run / "sft", toy_preferences(tmp_path / "toy.jsonl"), run)
     # a random 2-layer policy: cross-entropy ~ log(vocab) ~ 6 per token, x 100
     assert summary["train/final_loss"] > 100
+
+
+def test_negative_lm_coef_is_refused_before_anything_loads(tmp_path):
+    cfg = build_config("tiny", sets=[*SMALL, "rm.lm_coef=-1"])
+    # neither the policy nor the preferences exist: the setting is checked first
+    with pytest.raises(UserError, match="rm.lm_coef"):
+        rm_stage.run(cfg, tmp_path / "no-run" / "sft", tmp_path / "no-prefs.jsonl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_lm_head_gets_a_gradient_every_step_under_ddp(tmp_path):
