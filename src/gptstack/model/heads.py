@@ -98,9 +98,9 @@ class ScalarModel(nn.Module):
         h = keep_positions(h, logits_to_keep)
         values = self.head(h).squeeze(-1).float()
         if self.likelihood_score:
-            start_id = int(self.response_start_id)
-            logp, in_response = response_token_logprobs(idx, logits, start_id, pad_mask)
-            term = running_response_mean(idx, logp, in_response, start_id)
+            start = latest_start(idx, int(self.response_start_id))
+            logp, in_response = response_token_logprobs(idx, logits, start, pad_mask)
+            term = running_response_mean(logp, in_response, start)
             values = values + self.likelihood_coef * keep_positions(term, logits_to_keep)
         if return_logits:
             return values, keep_positions(logits, logits_to_keep)
@@ -127,18 +127,17 @@ def latest_start(idx: torch.Tensor, start_id: int) -> torch.Tensor:
     return torch.where(idx == start_id, t, -1).cummax(dim=1).values
 
 
-def response_token_logprobs(idx: torch.Tensor, logits: torch.Tensor, start_id: int,
+def response_token_logprobs(idx: torch.Tensor, logits: torch.Tensor, start: torch.Tensor,
                             pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (logp, in_response), both (B, T): logp[b, s] = log p(idx[b, s] | the real tokens before
     it), read from the logits at the previous *real* position (so a hole in the padding changes
-    nothing); in_response[b, s] marks the real tokens after the latest `start_id` at or before s
-    (the start token itself excluded). logp is 0 where in_response is False."""
+    nothing); in_response[b, s] marks the real tokens after start[b, s] (`latest_start`: the
+    response's start token at or before s, itself excluded). logp is 0 where in_response is False."""
     B, T = idx.shape
     t = torch.arange(T, device=idx.device).expand(B, T)
     real = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask.to(idx.device).bool()
     last_real = torch.where(real, t, -1).cummax(dim=1).values
     prev = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)   # the real token before s
-    start = latest_start(idx, start_id)
     in_response = real & (start >= 0) & (t > start) & (prev >= 0)
     rows = torch.arange(B, device=idx.device)[:, None]
     src = prev.clamp(min=0)
@@ -147,11 +146,10 @@ def response_token_logprobs(idx: torch.Tensor, logits: torch.Tensor, start_id: i
     return torch.where(in_response, logp, torch.zeros_like(logp)), in_response
 
 
-def running_response_mean(idx: torch.Tensor, logp: torch.Tensor, in_response: torch.Tensor,
-                          start_id: int) -> torch.Tensor:
-    """(B, T) at each position t, the mean of logp over the response tokens in (latest start, t]
-    (`response_token_logprobs`' outputs); 0 where there is none (before the first response token)."""
-    start = latest_start(idx, start_id)
+def running_response_mean(logp: torch.Tensor, in_response: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(B, T) at each position t, the mean of logp over the response tokens in (start[b, t], t]
+    (`response_token_logprobs`' outputs, `latest_start`'s positions); 0 where there is none
+    (before the first response token)."""
     sums, counts = logp.cumsum(1), in_response.long().cumsum(1)
     # cumulative sums since the start token: subtract their value at the start token itself
     base, has_start = start.clamp(min=0), start >= 0

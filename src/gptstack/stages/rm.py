@@ -42,10 +42,11 @@ Two options keep the trunk's LM head (model/heads.py), both off by default:
   rm.likelihood_score      score = head(h_last) + c x the response's mean log p(token) under the
                            RM's own LM head, c learned (from rm.likelihood_init) by the
                            Bradley–Terry loss (the trunk moves too, so it is the RM's likelihood,
-                           not the policy's). RUN/rm keeps the LM head. Beware in RL: a policy optimised against this reward is
-                           paid for text the RM finds likely, i.e. for collapsing towards the
-                           SFT distribution's modes (short, stereotyped answers), an incentive a
-                           KL penalty does not remove (it pushes the same way).
+                           not the policy's). RUN/rm keeps the LM head. Beware in RL: a policy
+                           optimised against this reward is paid for text the RM finds likely,
+                           i.e. for collapsing towards the SFT distribution's modes (short,
+                           stereotyped answers), an incentive a KL penalty does not remove (it
+                           pushes the same way).
 """
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ from ..common import UserError
 from ..config import Config
 from ..data.formats import read_dataset
 from ..eval.protocol import wilson_interval
-from ..model.heads import (ScalarModel, gather_last, pad_sequences, response_token_logprobs, scalar_metadata,
-                           scalar_weights, score_ids, sequence_scores)
+from ..model.heads import (ScalarModel, gather_last, latest_start, pad_sequences, response_token_logprobs,
+                           scalar_metadata, scalar_weights, score_ids, sequence_scores)
 from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
 from ..train.checkpoint import load_stage
 from ..train.dist import cleanup, init_distributed, print0
@@ -177,7 +178,8 @@ def response_lm_loss(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], s
     """Mean next-token cross-entropy over the response tokens (those after the latest `start_id`,
     <|assistant_start|>) of the sequences `rows` of a batch; logits (B, T, vocab) of ids (B, T)."""
     r = torch.tensor(rows, device=ids.device)
-    logp, in_response = response_token_logprobs(ids[r], logits[r], start_id, None if pad_mask is None else pad_mask[r])
+    logp, in_response = response_token_logprobs(ids[r], logits[r], latest_start(ids[r], start_id),
+                                                 None if pad_mask is None else pad_mask[r])
     return -logp.sum() / in_response.sum().clamp(min=1)
 
 
