@@ -91,15 +91,16 @@ class ScalarModel(nn.Module):
         h = self.trunk.hidden_states(idx, pad_mask=pad_mask, positions=positions, segments=segments)
         if return_logits and not self.has_lm_head:
             raise ValueError("return_logits: this scalar model has no LM head (build it with lm_head=True)")
-        logits = None
-        if self.likelihood_score or return_logits:
-            # all positions: the likelihood term is a running mean from the response's start
-            logits = self.trunk.lm_head(h).float()
-        h = keep_positions(h, logits_to_keep)
-        values = self.head(h).squeeze(-1).float()
+        logits = self.trunk.lm_head(h).float() if return_logits else None
+        values = self.head(keep_positions(h, logits_to_keep)).squeeze(-1).float()
         if self.likelihood_score:
+            # the term is a running mean from the response's start, so it needs the LM head at every
+            # response token, kept or not, and nowhere else (not at prompts or pads: PPO's critic
+            # runs this forward and backward on every minibatch)
+            def logits_at(rows, cols):
+                return logits[rows, cols] if logits is not None else self.trunk.lm_head(h[rows, cols]).float()
             start = latest_start(idx, int(self.response_start_id))
-            logp, in_response = response_token_logprobs(idx, logits, start, pad_mask)
+            logp, in_response = response_token_logprobs(idx, logits_at, start, pad_mask)
             term = running_response_mean(logp, in_response, start)
             values = values + self.likelihood_coef * keep_positions(term, logits_to_keep)
         if return_logits:
@@ -127,23 +128,26 @@ def latest_start(idx: torch.Tensor, start_id: int) -> torch.Tensor:
     return torch.where(idx == start_id, t, -1).cummax(dim=1).values
 
 
-def response_token_logprobs(idx: torch.Tensor, logits: torch.Tensor, start: torch.Tensor,
+def response_token_logprobs(idx: torch.Tensor, logits_at, start: torch.Tensor,
                             pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (logp, in_response), both (B, T): logp[b, s] = log p(idx[b, s] | the real tokens before
     it), read from the logits at the previous *real* position (so a hole in the padding changes
     nothing); in_response[b, s] marks the real tokens after start[b, s] (`latest_start`: the
-    response's start token at or before s, itself excluded). logp is 0 where in_response is False."""
+    response's start token at or before s, itself excluded). logp is 0 where in_response is False.
+    logits_at(rows, cols) -> (N, vocab) logits at positions (rows[i], cols[i]); it is asked only for
+    the positions the response tokens are predicted from."""
     B, T = idx.shape
     t = torch.arange(T, device=idx.device).expand(B, T)
     real = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask.to(idx.device).bool()
     last_real = torch.where(real, t, -1).cummax(dim=1).values
     prev = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)   # the real token before s
     in_response = real & (start >= 0) & (t > start) & (prev >= 0)
-    rows = torch.arange(B, device=idx.device)[:, None]
-    src = prev.clamp(min=0)
-    # log_softmax at the gathered entries only: the token's logit minus the logsumexp at its source
-    logp = logits[rows, src, idx] - torch.logsumexp(logits, dim=-1)[rows, src]
-    return torch.where(in_response, logp, torch.zeros_like(logp)), in_response
+    rows, cols = in_response.nonzero(as_tuple=True)
+    logits = logits_at(rows, prev[rows, cols])
+    # log_softmax at the token only: its logit minus the logsumexp at its source
+    picked = logits.gather(1, idx[rows, cols, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    logp = torch.zeros(B, T, device=idx.device, dtype=picked.dtype).index_put((rows, cols), picked)
+    return logp, in_response
 
 
 def running_response_mean(logp: torch.Tensor, in_response: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
