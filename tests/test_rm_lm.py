@@ -57,6 +57,11 @@ def test_likelihood_term_is_the_mean_token_logprob_of_a_gpt_forward(tied):
             assert got == pytest.approx(head_only + 0.7 * _mean_logprob_by_hand(policy, s), abs=1e-5)
         # before the start token there is no response yet: the head alone
         torch.testing.assert_close(rm(x)[0, :4], plain(x)[0, :4])
+        # nor in a batch with no start token at all (the LM head is then run on no position)
+        no_start = torch.tensor([[1, 2, 3, 9, 10], [4, 12, 13, 14, 15]])
+        torch.testing.assert_close(rm(no_start), plain(no_start))
+    rm(no_start).sum().backward()  # still differentiable: the term's coefficient gets a zero gradient
+    assert rm.likelihood_coef.grad is not None and rm.likelihood_coef.grad.item() == 0.0
 
 
 def test_likelihood_score_is_the_same_whatever_the_padding():
