@@ -178,7 +178,8 @@ def response_lm_loss(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], s
     """Mean next-token cross-entropy over the response tokens (those after the latest `start_id`,
     <|assistant_start|>) of the sequences `rows` of a batch; logits (B, T, vocab) of ids (B, T)."""
     r = torch.tensor(rows, device=ids.device)
-    logp, in_response = response_token_logprobs(ids[r], lambda b, s: logits[r[b], s], latest_start(ids[r], start_id),
+    picked = ids[r]
+    logp, in_response = response_token_logprobs(picked, lambda b, s: logits[r[b], s], latest_start(picked, start_id),
                                                  None if pad_mask is None else pad_mask[r])
     return -logp.sum() / in_response.sum().clamp(min=1)
 
