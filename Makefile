@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml
 # The default job on the embedded default: the whole pipeline on the tiny recipe (gptstack run:
 # tokenizer, pretraining, SFT, comparisons, reward model, best-of-N, PPO, the over-optimization
 # study, GRPO, DPO, PRM + search; resumable), its report card (RUN/report.md, RUN/report.html),
-# then the tokenizer's view of a chat and two chat turns with the fine-tuned model.
+# then the tokenizer's view of a chat and two separate one-turn chats (/reset between) with the fine-tuned model.
 demo: install
 	$(VENV)/bin/gptstack run --out $(RUN)
 	printf '%s\n' '[{"role":"user","content":"What is 17 + 25?"},{"role":"assistant","content":"17 + 25 = 42.\nThe answer is 42."}]' \
 		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer --chat
-	printf 'Which is larger, 58 or 85?\nReverse the list 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN)/sft --temperature 0
+	printf 'Which is larger, 58 or 85?\n/reset\nReverse the list: 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN)/sft --temperature 0
 
 # The whole suite, slow end-to-end runs included (pytest's exit 5, "no tests collected", is not a failure).
 test: install

@@ -60,3 +60,21 @@ def test_model_presets():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (3, 6, 384)
     with pytest.raises(UserError, match="model.preset: expected one of"):
         build_config("tiny", sets=["model.preset=huge"])
+
+
+def test_run_seed_moves_every_training_seed_and_keeps_the_eval_set():
+    from gptstack.config import apply_run_seed
+
+    base = build_config("tiny")
+    assert apply_run_seed(build_config("tiny"), 0).to_dict() == base.to_dict()   # seed 0: the recipe as written
+    one, two = apply_run_seed(build_config("tiny"), 1), apply_run_seed(build_config("tiny"), 2)
+    seeds = lambda c: {(s, k): v for s, sec in c.to_dict().items() if isinstance(sec, dict)  # noqa: E731
+                       for k, v in sec.items() if k in ("seed", "prompt_seed")}
+    moved = {key for key in seeds(base) if key[0] not in ("eval", "world", "serve", "report")}
+    assert {("pretrain", "seed"), ("sft", "seed"), ("prefs", "seed"), ("rm", "seed"), ("ppo", "prompt_seed"),
+            ("overopt", "seed"), ("grpo", "prompt_seed"), ("dpo", "seed"), ("prm", "seed")} <= moved
+    for key in moved:
+        assert len({seeds(base)[key], seeds(one)[key], seeds(two)[key]}) == 3, key
+    for c in (one, two):   # the measurement stays fixed
+        assert c.eval.seed == base.eval.seed and c.world.eval_seed == base.world.eval_seed
+        assert c.to_dict()["world"] == base.to_dict()["world"]

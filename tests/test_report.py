@@ -11,9 +11,10 @@ import pytest
 
 from gptstack.cli import main
 from gptstack.common import UserError
-from gptstack.eval.protocol import paired_comparison
+from gptstack.eval.protocol import paired_comparison, wilson_interval
 from gptstack.report import ReportConfig, write_report
 from gptstack.report.card import STAGES, series
+from gptstack.world import STYLES
 
 CFG = ReportConfig(samples=5, bon_n=16, dpi=20)  # low dpi: the test checks the plots exist, not their looks
 FAMILIES = ("arithmetic", "compare", "count", "lists", "word")
@@ -36,6 +37,31 @@ def policy(acc: float, ci: list[float], gold: float, kl: float, wall: float, pre
            f"{prefix}/n_prompts": 500}
     out.update({f"{prefix}/accuracy/{f}": round(acc + 0.01 * (i - 2), 4) for i, f in enumerate(FAMILIES)})
     return out | ({"wall_seconds": wall} if prefix == "eval" else {})
+
+
+def sampling(mix: dict[str, float], length: float, entropy: float, pass1: float, prefix: str = "eval") -> dict:
+    """The eval protocol's T = 1 figures: pass@1, mean length, entropy and the share of each style."""
+    return {f"{prefix}/pass@1": pass1, f"{prefix}/length": length, f"{prefix}/entropy": entropy} | {
+        f"{prefix}/style/{x}": mix.get(x, 0.0) for x in (*STYLES, "other")}
+
+
+# distinctive style mixes: SFT as demonstrated, PPO and over-optimization drifting to chatty, GRPO to checked
+MIXES = {"base/eval": {"terse": 0.05, "standard": 0.15, "other": 0.8},
+         "sft": {"terse": 0.1, "standard": 0.4, "explained": 0.2, "checked": 0.25, "chatty": 0.05},
+         "ppo": {"standard": 0.1, "explained": 0.3, "chatty": 0.55, "other": 0.05},
+         "overopt": {"chatty": 0.9, "other": 0.1}, "grpo": {"terse": 0.2, "standard": 0.3, "checked": 0.5},
+         "dpo": {"standard": 0.35, "explained": 0.35, "checked": 0.123, "chatty": 0.177}}
+
+
+def overopt_points() -> list[dict]:
+    """Held-out points in update order; the proxy peaks at update 50 (not the last), gold earlier, length grows."""
+    return [{"step": 10 * i, "kl": 0.5 * i, "d": (0.5 * i) ** 0.5, "proxy": 0.3 * i - 0.03 * i * i,
+             "gold": 0.65 + 0.02 * i - 0.004 * i * i, "accuracy": 0.6 - 0.01 * i, "length": 20.0 + 5 * i,
+             "style/standard": 0.5 - 0.05 * i, "style/chatty": 0.1 + 0.1 * i,
+             "samples": [{"prompt": f"overopt q{j}?", "response": f"update {10 * i} response {j}",
+                          "gold": round(0.7 - 0.01 * i - 0.1 * j, 3), "proxy": round(0.2 * i + 0.1 * j, 3)}
+                         for j in range(4)]}
+            for i in range(8)]
 
 
 def eval_samples(stage: str) -> list[dict]:
@@ -64,7 +90,8 @@ def make_run(root: Path, stages=STAGES) -> Path:
                    + [{"step": 200, "val/loss_estimate": 2.08}, {"step": 600, "val/loss": 1.6685, "val/bpb": 1.0249}])
     if "sft" in s:
         write(run / "sft/summary.json", policy(0.672, [0.6297, 0.7117], 0.6706, 0.0, 946.5)
-              | policy(0.218, [0.1840, 0.2563], 0.2497, 0.0, 0, prefix="base/eval") | {"train/final_loss": 0.1318, "steps": 2000})
+              | policy(0.218, [0.1840, 0.2563], 0.2497, 0.0, 0, prefix="base/eval") | {"train/final_loss": 0.1318, "steps": 2000}
+              | sampling(MIXES["sft"], 18.5, 7.25, 0.6125) | sampling(MIXES["base/eval"], 41.25, 30.5, 0.1625, "base/eval"))
         write_rows(run / "sft/eval_samples.jsonl", eval_samples("sft"))
     if "prefs" in s:
         write(run / "prefs/summary.json", {"prefs/rows": 2603, "prefs/pairs": 12625, "prefs/labeler_gold_agreement": 0.7853,
@@ -83,24 +110,25 @@ def make_run(root: Path, stages=STAGES) -> Path:
                                                 "first_gold": 0.2, "first_proxy": -0.5, "best_of_64": "best answer",
                                                 "best_gold": 0.9, "best_proxy": 1.5}])
     if "ppo" in s:
-        write(run / "ppo/summary.json", policy(0.70, [0.658, 0.739], 0.6901, 0.4321, 180.2) | {"eval/proxy_score": 1.234, "updates": 60})
+        write(run / "ppo/summary.json", policy(0.70, [0.658, 0.739], 0.6901, 0.4321, 180.2) | {"eval/proxy_score": 1.234, "updates": 60}
+              | sampling(MIXES["ppo"], 27.75, 5.125, 0.6375))
         write_rows(run / "ppo/metrics.jsonl", rl_metrics(10, 0.65))
         write_rows(run / "ppo/eval_samples.jsonl", eval_samples("ppo"))
     if "overopt" in s:
-        points = [{"step": 10 * i, "kl": 0.5 * i, "d": (0.5 * i) ** 0.5, "proxy": 0.3 * i, "gold": 0.65 + 0.02 * i - 0.004 * i * i}
-                  for i in range(8)]
         write(run / "overopt/summary.json", policy(0.61, [0.567, 0.651], 0.6123, 3.5, 300.0) | {
-            "points": points, "fit/alpha": 0.0456, "fit/beta": 0.0321, "fit/r2": 0.876, "fit/gold_at_d0": 0.65,
-            "gold_peak_d": 1.234, "eval/proxy_score": 2.5})
+            "points": overopt_points(), "fit/alpha": 0.0456, "fit/beta": 0.0321, "fit/r2": 0.876, "fit/gold_at_d0": 0.65,
+            "gold_peak_d": 1.234, "eval/proxy_score": 2.5} | sampling(MIXES["overopt"], 55.5, 3.375, 0.5125))
         write_rows(run / "overopt/metrics.jsonl", rl_metrics(15, 0.65))
         write_rows(run / "overopt/eval_samples.jsonl", eval_samples("overopt"))
     if "grpo" in s:
-        write(run / "grpo/summary.json", policy(0.655, [0.612, 0.696], 0.7012, 0.2345, 170.0) | {"updates": 60, "reward": "gold"})
+        write(run / "grpo/summary.json", policy(0.655, [0.612, 0.696], 0.7012, 0.2345, 170.0) | {"updates": 60, "reward": "gold"}
+              | sampling(MIXES["grpo"], 15.5, 4.0, 0.6625))
         write_rows(run / "grpo/metrics.jsonl", rl_metrics(8, 0.6))
         write_rows(run / "grpo/eval_samples.jsonl", eval_samples("grpo"))
     if "dpo" in s:
         write(run / "dpo/summary.json", policy(0.664, [0.621, 0.704], 0.6655, 0.1111, 90.5)
-              | {"eval_rewards/accuracies": 0.5678, "eval_rewards/margins": 0.0123, "eval_loss": 0.6789, "steps": 300})
+              | {"eval_rewards/accuracies": 0.5678, "eval_rewards/margins": 0.0123, "eval_loss": 0.6789, "steps": 300}
+              | sampling(MIXES["dpo"], 22.0, 6.5, 0.625))
         write_rows(run / "dpo/metrics.jsonl", [{"step": 10 * i, "loss": 0.69 - 0.01 * i, "rewards/margins": 0.01 * i,
                                                 "rewards/accuracies": 0.5 + 0.01 * i} for i in range(1, 10)])
         write_rows(run / "dpo/eval_samples.jsonl", eval_samples("dpo"))
@@ -250,20 +278,22 @@ def test_top_table_equals_the_summaries(full):
 
 
 def test_claims_state_numbers_and_whether_intervals_separate(full):
+    """Without a paired test (no shared prompts here) a claim holds only when the intervals separate."""
     _, md, _ = full
     claims = {r[0]: r for r in next(t for t in md_tables(md) if t[0] == ["claim", "A", "B", "holds?"])[1:]}
     assert claims["SFT > base (few-shot)"][1:] == ["SFT: 67.2 % [63.0, 71.2] %", "base: 21.8 % [18.4, 25.6] %",
-                                                   "yes; the 95 % intervals separate"]
-    assert claims["PPO > SFT"][3] == "yes; the 95 % intervals overlap (not significant)"   # 70.0 vs 67.2
-    assert claims["GRPO > PPO"][3] == "no; the 95 % intervals overlap (not significant)"   # 65.5 vs 70.0
+                                                   "holds; the 95 % intervals separate"]
+    assert claims["PPO > SFT"][3] == "not shown; the 95 % intervals overlap"   # 70.0 vs 67.2: ahead, within the noise
+    assert claims["GRPO > PPO"][3] == "no; the 95 % intervals overlap"   # 65.5 vs 70.0
     assert claims["DPO > SFT"][3].startswith("no;")
     # best-of-16 = 50/100 vs best-of-1 = 40/100: Wilson [40.4, 59.6] vs [30.9, 49.8] overlap
     assert claims["best-of-16 > best-of-1"][1:] == ["best-of-16: 50.0 % [40.4, 59.6] %", "best-of-1: 40.0 % [30.9, 49.8] %",
-                                                    "yes; the 95 % intervals overlap (not significant)"]
+                                                    "not shown; the 95 % intervals overlap"]
     # search at the largest N (16): prm 55 % vs orm 42 % (Wilson over 100 prompts) and orm 42 % vs majority 36 %
     assert claims["PRM ≥ ORM (best-of-N)"][1] == "prm (N=16): 55.0 % [45.2, 64.4] %"
-    assert claims["PRM ≥ ORM (best-of-N)"][3] == "yes; the 95 % intervals overlap (not significant)"
-    assert claims["ORM ≥ majority vote"][3].startswith("yes;")
+    assert claims["PRM ≥ ORM (best-of-N)"][3] == "not shown; the 95 % intervals overlap"
+    assert claims["ORM ≥ majority vote"][3].startswith("not shown;")
+    assert not any(r[3].startswith("yes") for r in claims.values())
 
 
 def test_stage_claims_add_the_paired_comparison_on_shared_prompts(tmp_path, full):
@@ -276,7 +306,8 @@ def test_stage_claims_add_the_paired_comparison_on_shared_prompts(tmp_path, full
     md = write_report(run, CFG)[0].read_text()
     claims = {r[0]: r[3] for r in next(t for t in md_tables(md) if t[0][0] == "claim")[1:]}
     sentence, paired = claims["GRPO > SFT"].split("; paired on ")
-    assert sentence == "no; the 95 % intervals overlap (not significant)"   # the summaries' 65.5 vs 67.2, as before
+    # the paired test decides: +30 points on these samples, but its interval reaches below 0
+    assert sentence == "not shown; the 95 % intervals overlap"
     m = re.fullmatch(r"the same (\d+) prompts: ([+−][\d.]+) points \[([+−][\d.]+), ([+−][\d.]+)\], "
                      r"b = (\d+), c = (\d+), McNemar p = ([\d.]+)", paired)
     assert m, paired
@@ -286,14 +317,102 @@ def test_stage_claims_add_the_paired_comparison_on_shared_prompts(tmp_path, full
     assert number(m[2]) == 30.0
     assert [number(m[3]), number(m[4])] == [round(100 * x, 1) for x in ref["ci95"]]
     assert number(m[3]) < 30.0 < number(m[4])
-    assert claims["SFT > base (few-shot)"] == "yes; the 95 % intervals separate"   # the base model has no samples
-    assert claims["DPO > SFT"] == "no; the 95 % intervals overlap (not significant)"
+    assert claims["SFT > base (few-shot)"] == "holds; the 95 % intervals separate"   # the base model has no samples
+    assert claims["DPO > SFT"] == "no; the 95 % intervals overlap"
     assert "DPO vs SFT: no paired comparison, dpo/eval_samples.jsonl is missing or empty." in md
     # the full run's stages answer different prompts: no paired line, a note saying why
     _, full_md, _ = full
     assert ("PPO vs SFT: no paired comparison, ppo/eval_samples.jsonl and sft/eval_samples.jsonl answer different "
             "prompts (10 and 10, 0 shared).") in full_md
     assert "paired on" not in full_md
+
+
+def test_claims_hold_only_when_the_paired_test_supports_them(tmp_path):
+    """Four stages answering the same 200 prompts, summaries consistent with the samples: the paired
+    interval decides, even where the independent intervals overlap."""
+    run = make_run(tmp_path, stages=("sft", "ppo", "grpo", "dpo"))
+    right = {"sft": lambda i: i < 100,                          # 100 / 200
+             "ppo": lambda i: i < 95,                           # vs SFT: b = 0, c = 5
+             "grpo": lambda i: i < 120,                         # vs SFT: b = 20, c = 0; vs PPO: b = 25, c = 0
+             "dpo": lambda i: i < 97 or 100 <= i < 106}         # vs SFT: b = 6, c = 3
+    for stage, ok in right.items():
+        correct = [ok(i) for i in range(200)]
+        summary = json.loads((run / stage / "summary.json").read_text())
+        summary |= {"eval/accuracy": sum(correct) / 200, "eval/accuracy_ci95": wilson_interval(sum(correct), 200)}
+        write(run / stage / "summary.json", summary)
+        write_rows(run / stage / "eval_samples.jsonl", [{"family": "word", "prompt": f"q{i}?", "response": "r", "correct": c}
+                                                        for i, c in enumerate(correct)])
+    test = lambda a, b: paired_comparison([right[a](i) for i in range(200)], [right[b](i) for i in range(200)])["ci95"]
+    assert test("grpo", "sft")[0] > 0 and test("grpo", "ppo")[0] > 0     # the fixture is what the names say
+    assert test("dpo", "sft")[0] < 0 < test("dpo", "sft")[1]
+    md = write_report(run, CFG)[0].read_text()
+    claims = {r[0]: r[3] for r in next(t for t in md_tables(md) if t[0][0] == "claim")[1:]}
+    # 60 % vs 50 %: Wilson [53.1, 66.5] and [43.1, 56.9] overlap, yet the paired test supports the claim
+    assert claims["GRPO > SFT"].startswith("holds; the 95 % intervals overlap; paired on the same 200 prompts: +10.0 points [+")
+    assert claims["GRPO > PPO"].startswith("holds;")
+    assert claims["DPO > SFT"].startswith("not shown; the 95 % intervals overlap; paired on the same 200 prompts: "
+                                          "+1.5 points [−")   # ahead, but the paired interval straddles 0
+    assert claims["PPO > SFT"].startswith("no; the 95 % intervals overlap; paired on the same 200 prompts: −2.5 points")
+
+
+def sampling_rows(md: str) -> dict[str, list[str]]:
+    table = next(t for t in md_tables(md) if t[0][:2] == ["stage", "accuracy (greedy)"])
+    assert table[0] == ["stage", "accuracy (greedy)", "pass@1 (T = 1)", "length (words)", "entropy (nats)", *STYLES, "other"]
+    return {r[0]: r for r in table[1:]}
+
+
+def test_overview_shows_pass1_length_entropy_and_style_mix(full):
+    run, md, _ = full
+    overview = md.split("## Pretraining", 1)[0]
+    rows = sampling_rows(overview)
+    assert list(rows) == ["base (few-shot)", "sft", "ppo", "overopt", "grpo", "dpo"]
+    for label, row in rows.items():
+        stage, prefix = ("sft", "base/eval") if label.startswith("base") else (label, "eval")
+        s = json.loads((run / stage / "summary.json").read_text())
+        keys = ["accuracy", "pass@1", "length", "entropy", *(f"style/{x}" for x in (*STYLES, "other"))]
+        assert all(close(cell, s[f"{prefix}/{k}"]) for cell, k in zip(row[1:], keys)), (label, row)
+    # the mixes, by hand: RL moved SFT's standard answers to chatty ones
+    assert rows["sft"][5:] == ["10.0 %", "40.0 %", "20.0 %", "25.0 %", "5.0 %", "0.0 %"]
+    assert rows["ppo"][5:] == ["0.0 %", "10.0 %", "30.0 %", "0.0 %", "55.0 %", "5.0 %"]
+    assert rows["dpo"][1:5] == ["66.4 %", "62.5 %", "22.000", "6.500"]
+
+
+def test_overopt_section_shows_the_proxy_peak_samples(full):
+    run, md, page = full
+    section = md.split("(overopt)\n", 1)[1].split("\n## ", 1)[0]
+    points = json.loads((run / "overopt/summary.json").read_text())["points"]
+    table = next(t for t in md_tables(section) if t[0][0] == "update")
+    assert table[0] == ["update", "KL", "d = √KL", "proxy", "gold", "accuracy", "length (words)", "standard", "chatty"]
+    for cells, p in zip(table[1:], points):
+        assert all(close(c, p[k]) for c, k in zip(cells[1:], ("kl", "d", "proxy", "gold", "accuracy", "length",
+                                                               "style/standard", "style/chatty")))
+    # the proxy peaks at update 50 (0.75), not at the last point: its samples, then update 0's for contrast
+    assert "Held-out responses at the proxy's peak: update 50, d = 1.581, mean proxy 0.750, mean gold 0.650." in section
+    labels = re.findall(r"^\*(update \d+ · .+?)\*$", section, flags=re.MULTILINE)
+    assert labels == [f"update 50 · proxy {1.0 + 0.1 * j:.3f}, gold {0.65 - 0.1 * j:.3f}" for j in range(4)] + [
+        f"update 0 · proxy {0.1 * j:.3f}, gold {0.7 - 0.1 * j:.3f}" for j in range(4)]
+    assert section.index("A: update 50 response 3") < section.index("Held-out responses at the first point")
+    assert "A: update 0 response 0" in section and "update 70 response" not in section
+    assert "A: update 50 response 0" in page.split("id='overopt'", 1)[1]
+
+
+def test_old_summaries_without_the_new_keys_still_render(tmp_path):
+    run = make_run(tmp_path, stages=("sft", "ppo", "overopt"))
+    for stage in ("sft", "ppo", "overopt"):
+        s = json.loads((run / stage / "summary.json").read_text())
+        s = {k: v for k, v in s.items() if not re.search(r"eval/(pass@1|length|entropy|style/)", k)}
+        s["points"] = [{k: p[k] for k in ("step", "kl", "d", "gold")} for p in s.get("points", [])]
+        write(run / stage / "summary.json", s)
+    md = write_report(run, CFG)[0].read_text()
+    assert not any(t[0][:2] == ["stage", "accuracy (greedy)"] for t in md_tables(md))   # no table of dashes
+    section = md.split("(overopt)\n", 1)[1].split("\n## ", 1)[0]
+    assert next(t for t in md_tables(section) if t[0][0] == "update")[1][3:] == ["—", "0.650", "—", "—"]
+    assert "proxy's peak" not in section and "Held-out responses" not in section
+    assert (run / "report-overopt.png").exists()
+    # half-new: one stage with the keys gets its row, the others dashes
+    write(run / "ppo/summary.json", json.loads((run / "ppo/summary.json").read_text()) | sampling(MIXES["ppo"], 27.75, 5.125, 0.6375))
+    rows = sampling_rows(write_report(run, CFG)[0].read_text())
+    assert rows["sft"][2:] == ["—"] * 9 and rows["ppo"][9] == "55.0 %"
 
 
 def test_partial_run_says_what_did_not_run(tmp_path):
@@ -311,7 +430,7 @@ def test_partial_run_says_what_did_not_run(tmp_path):
     assert "Not finished: ppo/ exists but has no summary.json" in md
     assert (run / "report-ppo-curves.png").exists()
     claims = {r[0]: r[3] for r in next(t for t in md_tables(md) if t[0][0] == "claim")[1:]}
-    assert claims["SFT > base (few-shot)"] == "yes; the 95 % intervals separate"
+    assert claims["SFT > base (few-shot)"] == "holds; the 95 % intervals separate"
     assert claims["PPO > SFT"] == "not measured (PPO not run)"
     assert claims["best-of-16 > best-of-1"].startswith("not measured")
     assert html_path.exists()

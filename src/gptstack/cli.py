@@ -220,7 +220,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    pipeline.run(_config(args), args.out, stages=args.stages, report=not args.no_report)
+    from .config import apply_run_seed
+
+    pipeline.run(apply_run_seed(_config(args), args.seed), args.out, stages=args.stages, report=not args.no_report)
     return 0
 
 
@@ -521,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     run_p.add_argument("--stages", default=None, metavar="a,b,...", help="run only these stages (in pipeline order)")
     run_p.add_argument("--no-report", action="store_true", help="skip writing the report card at the end")
+    run_p.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="derive every stage's seeds (init, data order, sampling, labeler noise, RL prompts) from N; "
+                            "the eval set stays fixed (0 = the recipe's seeds)")
     run_p.set_defaults(handler=cmd_run)
 
     rl_help = {

@@ -179,6 +179,7 @@ class RLConfig(TrainConfig):
     clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of the policy ratio"})
     value_clip: float = field(default=0.2, metadata={"help": "clip range of the value function"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    critic_warmup: int = field(default=0, metadata={"help": "gae: first updates that train only the critic (value head), so a cold critic does not give the first tokens wrong credit"})
     kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty in the reward (InstructGPT 0.02); the initial value with kl_target"})
     kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller's target sequence KL (0 = fixed beta)"})
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller's horizon, in rollouts"})
@@ -418,6 +419,28 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
     cfg.world.validate()
+    return cfg
+
+
+# Sections whose seeds are not a run's randomness: the eval protocol's draws and the world's held-out
+# set stay fixed so every seed is measured on the same items; serving and the report are not training.
+_FIXED_SEED_SECTIONS = ("eval", "world", "serve", "report")
+SEED_STRIDE = 1_000_003
+
+
+def apply_run_seed(cfg: Config, seed: int) -> Config:
+    """`gptstack run --seed N`: every stage's seeds (init, data order and training stream, sampling,
+    the labeler's noise, RL prompts) derived from N, the eval set and its draws kept fixed. N = 0 is
+    the recipe as written; seed = recipe seed + N x 1,000,003, so stages stay independent streams."""
+    if seed == 0:
+        return cfg
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if f.name in _FIXED_SEED_SECTIONS or not dataclasses.is_dataclass(section):
+            continue
+        for name in ("seed", "prompt_seed"):
+            if hasattr(section, name):
+                setattr(section, name, getattr(section, name) + seed * SEED_STRIDE)
     return cfg
 
 

@@ -4,7 +4,11 @@ On the world's fixed held-out eval set (100 prompts per family, never trained on
   - `eval/accuracy`: greedy decoding, final answer correct; per family and with a Wilson 95 %
     interval (`eval/accuracy_ci95`), so a claim that one stage beats another can say whether the
     intervals separate;
-  - `eval/gold_reward`, `eval/format_ok`, `eval/pass@k`: k samples per prompt at T = 1;
+  - `eval/gold_reward`, `eval/format_ok`, `eval/pass@k`: k samples per prompt at T = 1, and what
+    those samples are like: `eval/pass@1` (their accuracy), `eval/length` (mean words),
+    `eval/style/<style>` (share in each response style, world/styles.py) and `eval/entropy` (mean
+    nats per response: minus its log-likelihood, a Monte-Carlo estimate of the policy's entropy);
+    greedy accuracy shows the mode, these show the distribution RL reweights;
   - `eval/kl_to_sft`: KL(policy || SFT) on those samples, summed over response tokens, averaged
     over samples (0 for the SFT model itself);
   - everything at a fixed seed, so two stages see the same prompts and the same random draws,
@@ -133,13 +137,16 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
                        seed=cfg.seed + 1, batch_size=cfg.batch_size)
 
     correct_by_family: dict[str, list[bool]] = defaultdict(list)
-    gold_scores, passes, samples_out = [], [], []
+    gold_scores, passes, samples_out, words, styles = [], [], [], [], []
     for task, g, samples in zip(tasks, greedy, sampled):
         (text, _), = texts(g)
         correct_by_family[task.family].append(world.is_correct(task, text))
-        scored = [world.score(task, t, ended) for t, ended in texts(samples)]
+        sample_texts = texts(samples)
+        scored = [world.score(task, t, ended) for t, ended in sample_texts]
         gold_scores += scored
         passes.append(any(s.correct for s in scored))
+        words += [len(t.split()) for t, _ in sample_texts]
+        styles += [world.style_of(t) for t, _ in sample_texts]
         samples_out.append({"family": task.family, "difficulty": task.difficulty, "prompt": task.prompt,
                             "response": text, "correct": correct_by_family[task.family][-1]})
 
@@ -153,6 +160,10 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         f"{prefix}/gold_reward": gold["gold/reward"],
         f"{prefix}/format_ok": gold["gold/format_ok"],
         f"{prefix}/pass@{cfg.k}": sum(passes) / n,
+        f"{prefix}/pass@1": gold["gold/accuracy"],
+        f"{prefix}/length": sum(words) / len(words),
+        f"{prefix}/entropy": -sum(sum(c.logprobs) for samples in sampled for c in samples) / len(words),
+        **{f"{prefix}/style/{s}": styles.count(s) / len(styles) for s in world.STYLES + ("other",)},
         f"{prefix}/n_prompts": n,
     }
     if reward_model is not None:  # the proxy's view of the same T = 1 samples (RL stages: eval/proxy_score)

@@ -11,6 +11,8 @@ taken over the number of prompts, which is conservative for averages over severa
 A claim ("PPO > SFT") states both numbers with their intervals and whether the intervals separate;
 one policy stage against another also states the paired comparison on the prompts both answered
 (eval_samples.jsonl, matched by prompt: Newcombe's interval on the difference, McNemar's exact p).
+A claim "holds" only when that test supports it (paired interval above 0; without a pairing, the
+intervals separating), "not shown" when A is ahead but the test does not support it, else "no".
 A stage that has not run gets a section that says so; a stage still running shows its curves so far.
 The report is built once as a list of sections of blocks (text, table, plot, samples), then rendered
 twice by render.py: markdown (plots as PNG files beside it) and HTML (plots inline as base64, every
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from ..common import UserError, atomic_write_bytes, atomic_write_text
 from ..eval.protocol import paired_comparison, wilson_interval
+from ..world import STYLES
 from . import plots
 from .config import ReportConfig
 from .render import render_html, render_markdown
@@ -123,8 +126,9 @@ class Stage:
         return value
 
     def pass_key(self, prefix: str = "eval") -> str | None:
-        """The pass@k key (k is an eval setting)."""
-        return next((k for k in (self.summary or {}) if k.startswith(f"{prefix}/pass@")), None)
+        """The pass@k key (k is an eval setting; pass@1, the T = 1 accuracy, has a row of its own)."""
+        return next((k for k in (self.summary or {}) if k.startswith(f"{prefix}/pass@") and k != f"{prefix}/pass@1"),
+                    None)
 
     def families(self, prefix: str = "eval") -> dict[str, float]:
         head = f"{prefix}/accuracy/"
@@ -197,6 +201,8 @@ def policy_spec(st: Stage, prefix: str = "eval", who: str = "") -> list[tuple[st
     return [(f"{who}accuracy (greedy)", p + "accuracy", pct), (f"{who}95 % interval", p + "accuracy_ci95", interval),
             (f"{who}gold reward (T = 1)", p + "gold_reward", number), (f"{who}well-formed", p + "format_ok", pct),
             (f"{who}{(st.pass_key(prefix) or 'pass@k').split('/')[-1]}", st.pass_key(prefix), pct),
+            (f"{who}pass@1 (T = 1)", p + "pass@1", pct), (f"{who}mean length (words, T = 1)", p + "length", number),
+            (f"{who}entropy (nats/response, T = 1)", p + "entropy", number),
             (f"{who}KL to SFT", p + "kl_to_sft", number), (f"{who}eval prompts", p + "n_prompts", number)]
 
 
@@ -235,21 +241,28 @@ def not_run(sec: Section, st: Stage) -> bool:
 # --- claims --------------------------------------------------------------------------------------------
 
 
-def claim(name: str, a: tuple, b: tuple, strict: bool = True) -> list[str]:
-    """a, b = (label, value, [lo, hi] or None). Whether the claim holds and whether the intervals separate."""
+def claim(name: str, a: tuple, b: tuple, strict: bool = True, pair: dict | None = None) -> list[str]:
+    """a, b = (label, value, [lo, hi] or None); pair = paired_comparison(A, B) on shared prompts, or None.
+    The verdict is the test's, not the point estimates': a lead inside the noise is "not shown", not "yes".
+    With a pairing the paired interval decides (the sharper test); without one, whether A's interval
+    lies above B's."""
     (la, va, ia), (lb, vb, ib) = a, b
     if va is None or vb is None:
         missing = " and ".join(l for l, v in ((la, va), (lb, vb)) if v is None)
         return [name, f"{la}: {pct(va)}", f"{lb}: {pct(vb)}", f"not measured ({missing} not run)"]
-    holds = va > vb if strict else va >= vb
     if ia is None or ib is None:
         sep = "no intervals"
     elif ia[0] > ib[1] or ib[0] > ia[1]:
         sep = "the 95 % intervals separate"
     else:
-        sep = "the 95 % intervals overlap (not significant)"
+        sep = "the 95 % intervals overlap"
+    if pair:
+        ahead, shown = (pair["difference"] > 0 if strict else pair["difference"] >= 0), pair["ci95"][0] > 0
+    else:
+        ahead, shown = (va > vb if strict else va >= vb), ia is not None and ib is not None and ia[0] > ib[1]
+    verdict = "holds" if shown else "not shown" if ahead else "no"
     return [name, f"{la}: {pct(va)} {interval(ia)}", f"{lb}: {pct(vb)} {interval(ib)}",
-            f"{'yes' if holds else 'no'}; {sep}"]
+            f"{verdict}; {sep}{paired_clause(pair) if pair else ''}"]
 
 
 def eval_correct(st: Stage) -> dict[str, bool] | str:
@@ -268,12 +281,12 @@ def eval_correct(st: Stage) -> dict[str, bool] | str:
     return out
 
 
-def paired(s: dict[str, Stage], first: str, second: str, notes: list[str]) -> str:
-    """The paired comparison of two policy stages on their shared eval prompts, as a clause for the
-    claim ("; paired on the same 500 prompts: ..."); "" when the claim is not measured, and "" plus a
-    note in `notes` when the eval samples cannot be paired (missing, or different prompt sets)."""
+def paired(s: dict[str, Stage], first: str, second: str, notes: list[str]) -> dict | None:
+    """paired_comparison of two policy stages (A = first) on their shared eval prompts; None when the
+    claim is not measured, and None plus a note in `notes` when the eval samples cannot be paired
+    (missing, or different prompt sets)."""
     if s[first].num("eval/accuracy") is None or s[second].num("eval/accuracy") is None:
-        return ""  # the claim itself says "not measured"
+        return None  # the claim itself says "not measured"
     label = f"{first.upper()} vs {second.upper()}"
     ours, theirs = eval_correct(s[first]), eval_correct(s[second])
     why = next((x for x in (ours, theirs) if isinstance(x, str)), None)
@@ -282,8 +295,12 @@ def paired(s: dict[str, Stage], first: str, second: str, notes: list[str]) -> st
                f"({len(ours)} and {len(theirs)}, {len(ours.keys() & theirs.keys())} shared)")
     if why:
         notes.append(f"{label}: no paired comparison, {why}.")
-        return ""
-    r = paired_comparison([ours[q] for q in ours], [theirs[q] for q in ours])
+        return None
+    return paired_comparison([ours[q] for q in ours], [theirs[q] for q in ours])
+
+
+def paired_clause(r: dict) -> str:
+    """A paired comparison as a clause for the claim ("; paired on the same 500 prompts: ...")."""
     signed = lambda x: f"{100 * x:+.1f}".replace("-", "−")
     lo, hi = r["ci95"]
     p = r["p_mcnemar"]
@@ -339,9 +356,8 @@ def claims(s: dict[str, Stage], cfg: ReportConfig, notes: list[str] | None = Non
     out.append(claim(f"best-of-{n} > best-of-1", (f"best-of-{n}", best and best["accuracy"], bon_interval(bon, best)),
                      ("best-of-1", one and one["accuracy"], bon_interval(bon, one))))
     for first, second in (("ppo", "sft"), ("grpo", "ppo"), ("grpo", "sft"), ("dpo", "sft")):
-        row = claim(f"{first.upper()} > {second.upper()}", pol(first), pol(second))
-        row[3] += paired(s, first, second, notes)
-        out.append(row)
+        out.append(claim(f"{first.upper()} > {second.upper()}", pol(first), pol(second),
+                         pair=paired(s, first, second, notes)))
     acc = search_table(s["search"], "accuracy")
     ns = sorted({k for m in ("prm", "orm", "majority") for k, v in acc.get(m, {}).items() if v is not None}, key=int)
     top = ns[-1] if ns else "N"
@@ -394,7 +410,31 @@ def overview(s: dict[str, Stage], cfg: ReportConfig) -> Section:
     sec.text("Accuracy: greedy, on the world's fixed held-out eval set, with its 95 % Wilson interval; gold reward: "
              "mean over k samples at T = 1 (eval protocol). Best-of-n: the RM's pick among n samples at T = 1, its KL "
              "the analytic log n − (n − 1)/n, its interval taken over the prompts.")
+    sampling_table(sec, s)
     return sec
+
+
+def styles_in(keys, head: str) -> list[str]:
+    """The style names among `keys` that start with `head`, in the world's order, unknown ones after."""
+    found = {k[len(head):] for k in keys if k.startswith(head)}
+    return [x for x in (*STYLES, "other") if x in found] + sorted(found - {*STYLES, "other"})
+
+
+def sampling_table(sec: Section, s: dict[str, Stage]) -> None:
+    """Greedy accuracy beside what each policy's T = 1 samples are like: greedy decoding shows the mode,
+    while RL and DPO move the whole distribution (which styles, how long, how spread), which this shows.
+    Left out when no summary has these keys (runs from before the eval protocol recorded them)."""
+    rows = ([("base (few-shot)", s["sft"], "base/eval")] if s["sft"].ran else []) + [
+        (name, s[name], "eval") for name in POLICIES if s[name].ran]
+    styles = styles_in({k.replace("base/eval/", "eval/", 1) for _, st, _ in rows for k in st.summary}, "eval/style/")
+    if not styles and all(st.get(f"{p}/{k}") is None for _, st, p in rows for k in ("pass@1", "length", "entropy")):
+        return
+    sec.text("What the policies' samples at T = 1 are like (eval protocol, same prompts): pass@1 = their accuracy, "
+             "mean length in words, entropy in nats per response, and the share of responses in each style "
+             "(`eval/style/<style>`; base: `base/eval/…`), beside greedy accuracy:")
+    sec.table(["stage", "accuracy (greedy)", "pass@1 (T = 1)", "length (words)", "entropy (nats)", *styles],
+              [[label, pct(st.num(f"{p}/accuracy")), pct(st.num(f"{p}/pass@1")), number(st.num(f"{p}/length")),
+                number(st.num(f"{p}/entropy")), *(pct(st.num(f"{p}/style/{x}")) for x in styles)] for label, st, p in rows])
 
 
 def section_pretrain(st: Stage, cfg: ReportConfig, sec: Section, **_) -> None:
@@ -510,11 +550,31 @@ def section_policy(st: Stage, cfg: ReportConfig, sec: Section, s: dict[str, Stag
     policy_samples(sec, st, cfg.samples)
 
 
+def overopt_samples(sec: Section, points: list[dict], count: int) -> None:
+    """The held-out responses where the proxy peaks (what the policy learned to say to please the RM),
+    then, for contrast, those of the first point (the SFT policy, update 0)."""
+    scored = [p for p in points if isinstance(p.get("proxy"), (int, float))]
+    if not scored:
+        return
+    peak, first = max(scored, key=lambda p: p["proxy"]), points[0]
+    score = lambda v: number(v) if isinstance(v, (int, float)) else "—"
+    for p, what in [(peak, "the proxy's peak")] + ([(first, "the first point, for contrast")] if first is not peak else []):
+        items = [x for x in p.get("samples") or [] if isinstance(x, dict)][:count]
+        if items:
+            sec.text(f"Held-out responses at {what}: update {p['step']}, d = {number(p['d'])}, "
+                     f"mean proxy {score(p.get('proxy'))}, mean gold {number(p['gold'])}.")
+            sec.samples([(f"update {p['step']} · proxy {score(x.get('proxy'))}, gold {score(x.get('gold'))}",
+                          str(x.get("prompt", "")), str(x.get("response", ""))) for x in items])
+
+
 def section_overopt(st: Stage, cfg: ReportConfig, sec: Section, s: dict[str, Stage]) -> None:
-    points = st.rows("points", ("step", "kl", "d", "gold"))
+    points = sorted(st.rows("points", ("step", "kl", "d", "gold")), key=lambda p: p["step"])
     if points:
-        sec.table(["update", "KL", "d = √KL", "proxy", "gold"],
-                  [[str(p["step"]), number(p["kl"]), number(p["d"]), number(p.get("proxy")), number(p["gold"])] for p in points])
+        styles = styles_in({k for p in points for k in p}, "style/")
+        sec.table(["update", "KL", "d = √KL", "proxy", "gold", "accuracy", "length (words)", *styles],
+                  [[str(p["step"]), number(p["kl"]), number(p["d"]), number(p.get("proxy")), number(p["gold"]),
+                    pct(p.get("accuracy")), number(p.get("length")), *(pct(p.get(f"style/{x}")) for x in styles)]
+                   for p in points])
     figures_table(sec, st, [("fit α", "fit/alpha", number), ("fit β", "fit/beta", number), ("fit R²", "fit/r2", number),
                             ("gold at d = 0", "fit/gold_at_d0", number), ("gold peak at d", "gold_peak_d", number)]
                   + policy_spec(st) + [("wall time", "wall_seconds", seconds)])
@@ -530,7 +590,10 @@ def section_overopt(st: Stage, cfg: ReportConfig, sec: Section, s: dict[str, Sta
     if points:
         sec.text("Fitted forms (Gao et al. 2023): RL gold = gold(0) + d (α − β log d); best-of-n gold = gold(1) + d (α − β d).")
         sec.plot("overopt", plots.overoptimization(points, fit, st.num("gold_peak_d"), bon_rows or None, bon_fit, bon_n1, cfg.dpi),
-                 "Over-optimization: held-out gold (with the RL fit) and proxy vs d = √KL to SFT, with best-of-n for comparison.")
+                 "Over-optimization: held-out proxy (RM score), gold (with the RL fit and best-of-n for comparison) and "
+                 "mean response length vs d = √KL to SFT, one marker per held-out point coloured by update"
+                 + ("; the ring marks the proxy's peak, whose responses follow." if all("proxy" in p for p in points) else "."))
+        overopt_samples(sec, points, cfg.samples)
     rl_curves(st, cfg, sec, RL_CURVES)
     policy_samples(sec, st, cfg.samples)
 
@@ -575,7 +638,10 @@ SECTIONS = {"pretrain": section_pretrain, "sft": section_sft, "prefs": section_p
 def build(run_dir: Path, cfg: ReportConfig) -> list[Section]:
     stages = {name: Stage(run_dir, name) for name in STAGES}
     top = overview(stages, cfg)
-    top.text("Claims (each with both numbers, their 95 % intervals, and whether the intervals separate):")
+    top.text("Claims, each with both numbers and their 95 % intervals. \"holds\": a test supports it, the paired "
+             "comparison on the same prompts where both stages' eval samples pair up (its 95 % interval of A − B "
+             "above 0), otherwise the two intervals separating; \"not shown\": A is ahead but the test does not "
+             "support it; \"no\": A is not ahead.")
     notes: list[str] = []
     rows = claims(stages, cfg, notes)
     top.table(["claim", "A", "B", "holds?"], rows)

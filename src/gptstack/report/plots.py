@@ -102,30 +102,38 @@ def curves(series: dict[str, list[tuple[float, float]]], xlabel: str, dpi: int) 
 
 def overoptimization(points: list[dict], fit: dict | None, peak_d: float | None, bon: list[dict] | None,
                      bon_fit: dict | None, bon_gold_n1: float | None, dpi: int) -> bytes:
-    """Gold and proxy vs d = sqrt(KL) along the RL run, with Gao et al.'s RL form
-    gold = gold(0) + d (alpha - beta log d), and best-of-n's points with its form d (alpha - beta d)."""
-    fig, (ax,) = _panels(1, 6.5, 4.0)
-    d = [p["d"] for p in points]
-    ax.plot(d, [p["gold"] for p in points], "o-", color="tab:blue", label="RL: gold (held-out)")
+    """Proxy (RM score), gold and mean response length vs d = sqrt(KL) along the RL run, one panel each
+    (proxy and length where every point has them). Each held-out point is a marker coloured by its update,
+    not a line: d need not grow with the update, so a line sorted by d would invent an order and one in
+    update order would zig-zag. The gold panel adds Gao et al.'s RL form gold = gold(0) + d (alpha - beta log d)
+    and best-of-n's points with its form d (alpha - beta d); a ring marks the proxy's peak on every panel."""
+    panels = [(k, label) for k, label in (("proxy", "proxy (RM score)"), ("gold", "gold reward"),
+                                          ("length", "mean length (words)")) if all(k in p for p in points)]
+    fig, axes = _panels(len(panels), 3.8, 3.4)
+    d, steps = [p["d"] for p in points], [p["step"] for p in points]
+    peak = max(points, key=lambda p: p["proxy"]) if panels[0][0] == "proxy" else None
     top = max(d + [r["d"] for r in bon or []] + [1e-3])
-    xs = [top * i / 100 for i in range(1, 101)]
-    if fit:
-        ax.plot(xs, [fit["gold_at_d0"] + x * (fit["alpha"] - fit["beta"] * math.log(x)) for x in xs], ":",
-                color="tab:blue", label=f"RL fit d(α − β log d), R² = {fit['r2']:.2f}")
-    if peak_d is not None:
-        ax.axvline(peak_d, color="tab:blue", alpha=0.4, linestyle="-.", label=f"gold peak d = {peak_d:.2f}")
-    if bon:
-        ax.plot([r["d"] for r in bon], [r["gold"] for r in bon], "^", color="tab:green", label="best-of-n: gold")
-        if bon_fit and bon_gold_n1 is not None:
-            ax.plot(xs, [bon_gold_n1 + x * (bon_fit["alpha"] - bon_fit["beta"] * x) for x in xs], ":",
-                    color="tab:green", label="best-of-n fit d(α − βd)")
-    if all("proxy" in p for p in points):
-        ax2 = ax.twinx()
-        ax2.plot(d, [p["proxy"] for p in points], "s--", color="tab:orange", label="RL: proxy (RM)")
-        ax2.set_ylabel("proxy (RM score)")
-        ax2.legend(loc="lower right", fontsize="small")
-    ax.set(xlabel="d = √KL(π ‖ π_sft)", ylabel="gold reward", title="Over-optimization: gold and proxy vs √KL")
-    ax.legend(loc="upper left", fontsize="small")
+    xs = [top * i / 100 for i in range(1, 101)]  # from above 0: the RL form has log d
+    for ax, (key, label) in zip(axes, panels):
+        dots = ax.scatter(d, [p[key] for p in points], c=steps, cmap="viridis", vmin=min(steps), vmax=max(steps),
+                          s=22, zorder=3, label="RL (held-out)")
+        if peak is not None:
+            ax.scatter([peak["d"]], [peak[key]], s=110, facecolors="none", edgecolors="tab:red", zorder=4,
+                       label="proxy peak")
+        ax.set(xlabel="d = √KL(π ‖ π_sft)", ylabel=label, title=label)
+        if key == "gold":
+            if fit:
+                ax.plot(xs, [fit["gold_at_d0"] + x * (fit["alpha"] - fit["beta"] * math.log(x)) for x in xs], ":",
+                        color="tab:blue", label=f"RL fit d(α − β log d), R² = {fit['r2']:.2f}")
+            if peak_d is not None:
+                ax.axvline(peak_d, color="tab:blue", alpha=0.4, linestyle="-.", label=f"gold peak d = {peak_d:.2f}")
+            if bon:
+                ax.plot([r["d"] for r in bon], [r["gold"] for r in bon], "^", color="tab:green", label="best-of-n: gold")
+                if bon_fit and bon_gold_n1 is not None:
+                    ax.plot(xs, [bon_gold_n1 + x * (bon_fit["alpha"] - bon_fit["beta"] * x) for x in xs], ":",
+                            color="tab:green", label="best-of-n fit d(α − βd)")
+            ax.legend(fontsize="x-small")
+    fig.colorbar(dots, ax=axes[-1], label="update")
     return _png(fig, dpi)
 
 

@@ -55,6 +55,8 @@ def validate(tc: RLConfig, section: str) -> None:
         (tc.updates >= 1 and tc.epochs >= 1 and tc.minibatches >= 1, "updates, epochs and minibatches must be >= 1"),
         (tc.prompts_per_update >= 1 and tc.max_new_tokens >= 1, "prompts_per_update and max_new_tokens must be >= 1"),
         (tc.temperature > 0, "temperature must be > 0"),
+        (tc.critic_warmup >= 0 and (tc.critic_warmup < tc.updates or tc.advantage != "gae"),
+         "critic_warmup must be >= 0 and leave some updates for the policy"),
         (tc.advantage == "gae" or tc.samples_per_prompt >= 2,
          f"{tc.advantage} compares the samples of a prompt: samples_per_prompt (G) must be >= 2"),
         ((tc.prompts_per_update * tc.samples_per_prompt) % (tc.minibatches * tc.grad_accum) == 0,
@@ -251,7 +253,10 @@ def minibatch_loss(model_fn, exp: Experience, rows: torch.Tensor, tc: RLConfig, 
     logp, entropy, values, ptx = model_fn(mb, tc.temperature, ptx_batch)
     adv = exp.advantages[rows]
     pg_loss, clipfrac, approxkl = rl.clipped_policy_loss(logp, exp.old_logp[rows], adv, mask, tc.clip)
-    loss = pg_loss
+    # critic warm-up: the first updates train the value head alone (the policy's loss is left out, so
+    # with no gradient AdamW leaves it exactly where it was) before its advantages steer the policy
+    warming = values is not None and exp.update < tc.critic_warmup
+    loss = pg_loss * 0.0 if warming else pg_loss
     if values is not None:
         vf_loss, vf_clipfrac = rl.clipped_value_loss(values, exp.old_values[rows], exp.returns[rows], mask, tc.value_clip)
         loss = loss + tc.vf_coef * vf_loss
@@ -294,10 +299,18 @@ def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Item], tok: T
     texts = response_texts(tok, batch)
     extra = gold_and_hacks(items, batch, texts)
     kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
+    words = [len(t.split()) for t in texts]
+    styles = [world.style_of(t) for t in texts]
     point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
-             "accuracy": extra["correct"].mean().item()}
+             "accuracy": extra["correct"].mean().item(), "length": sum(words) / len(words),
+             **{f"style/{s}": styles.count(s) / len(styles) for s in world.STYLES}}
     if rm is not None:
-        point["proxy"] = rm.score(batch.ids, pad_mask=batch.pad_mask).mean().item()
+        scores = rm.score(batch.ids, pad_mask=batch.pad_mask)
+        point["proxy"] = scores.mean().item()
+    # a few responses as they read at this point (the report shows them at the proxy's peak)
+    point["samples"] = [{"prompt": items[batch.prompt_index[i]].messages[-1]["content"], "response": texts[i],
+                         "gold": float(extra["gold"][i]), **({"proxy": float(scores[i])} if rm is not None else {})}
+                        for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
     return point
 
 
@@ -464,7 +477,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
         if heldout and info.is_main:
             point = {"step": update, **heldout_point(policy, ref, rm, heldout, tok, tc, cfg.eval.seed)}
             points.append(point)
-            session.log(update * per_update, **{f"heldout/{k}": v for k, v in point.items() if k != "step"})
+            session.log(update * per_update, **{f"heldout/{k}": v for k, v in point.items() if k not in ("step", "samples")})
 
     if session.start_step == 0 and tc.eval_every:
         evaluate_point(0)

@@ -39,8 +39,9 @@ STAGE = "sft"
 def load_conversations(data: str | None, cfg: Config, skip_bad_rows: bool) -> tuple[list[list[dict]], dict]:
     """World demonstrations (default) or a file's conversations, and counts for summary.json."""
     if data in (None, "world"):
-        tasks = world.train_tasks(cfg.sft.demos, seed=cfg.sft.seed, config=cfg.world)
-        return [t.messages() for t in tasks], {"data/rows": len(tasks), "data/usable": len(tasks)}
+        demos = world.demonstrations(cfg.sft.demos, seed=cfg.sft.seed, config=cfg.world)
+        styles = {f"data/style/{s}": sum(d[1] == s for d in demos) / len(demos) for s in world.STYLES}
+        return [t.messages(text) for t, _, text in demos], {"data/rows": len(demos), "data/usable": len(demos), **styles}
     ds = read_dataset(data, expect=("sft", "preference", "ranking", "verifiable"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
         print0(f"warning: {ds.describe()}")

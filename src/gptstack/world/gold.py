@@ -6,10 +6,12 @@ gold(task, response, ended=True) -> float in [0, 1]:
 
     correct    1 if the value after the last "The answer is" equals the task's answer
                (integers compared as numbers, lists item by item, words case-insensitively)
-    format     1 if the response ends with exactly one answer line, written exactly
-               "The answer is X." with X well-formed for the task, and the response ended
+    format     1 if the response has exactly one answer line, written exactly "The answer is X."
+               with X well-formed for the task, as its last step (a friendly closing may follow:
+               styles.is_filler), and the response ended
     brevity    min(1, 1.5 * L_ref / L): L counts words, numbers and symbols; up to 1.5x the
-               reference's length is free. 0 when there is no answer line at all
+               reference's (the standard style's) length is free, so a concise answer is preferred
+               and padding costs. 0 when there is no answer line at all
     degenerate max of three penalties in [0, 1]:
                repetition  (r - 0.1) / 0.4 clipped, r = the larger of the fraction of steps that
                            repeat an earlier step and the fraction of repeated word 5-grams
@@ -32,6 +34,8 @@ A step is correct when it is a valid move from the true state of the problem:
                       counts exactly the occurrences ("none" for zero)
     lists             step k names the k-th item of the correct output
     answer line       its answer is correct
+Filler lines (styles.is_filler: openers, padding, a restated question, check lines, closings) are
+no steps of the solution and are marked right; step connectives ("First, ", "Next, ") are read past.
 Steps after the first wrong one are marked wrong (a chain is only as good as its first error, the
 labelling convention of process supervision datasets). Steps are separated by newlines or the
 tokenizer's <|step|> marker; a line holding several sentences is split after each ". ".
@@ -42,6 +46,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .styles import is_filler, strip_connective
 from .tasks import Task, as_task, list_output, vocabulary, word_expression
 
 W_CORRECT, W_FORMAT, W_BREVITY = 0.8, 0.1, 0.1
@@ -74,14 +79,20 @@ class GoldScore:
         return max(self.repetition, self.gibberish, self.unfinished)
 
 
-def split_steps(response: str) -> list[str]:
-    """A response's steps: split at newlines and <|step|> markers, then at sentence ends."""
-    steps = []
+def _steps_and_filler(response: str) -> tuple[list[str], list[bool]]:
+    steps, filler = [], []
     for line in re.split(r"\n|" + re.escape(STEP_MARKER), response):
+        f = is_filler(line)
         for part in re.split(r"(?<=[.?!])\s+", line.strip()):
             if part.strip():
                 steps.append(part.strip())
-    return steps
+                filler.append(f)
+    return steps, filler
+
+
+def split_steps(response: str) -> list[str]:
+    """A response's steps: split at newlines and <|step|> markers, then at sentence ends."""
+    return _steps_and_filler(response)[0]
 
 
 def extract_answer(response: str) -> str | None:
@@ -159,9 +170,10 @@ def score(task, response: str, ended: bool = True) -> GoldScore:
     task = as_task(task)
     answer = extract_answer(response)
     correct = answers_match(task, answer)
-    steps = split_steps(response)
-    format_ok = bool(ended and steps and len(_ANSWER_RE.findall(response)) == 1
-                     and _WELL_FORMED[task.answer_kind].fullmatch(steps[-1]))
+    steps, filler = _steps_and_filler(response)
+    solution = [s for s, f in zip(steps, filler) if not f]   # a friendly closing may follow the answer line
+    format_ok = bool(ended and solution and len(_ANSWER_RE.findall(response)) == 1
+                     and _WELL_FORMED[task.answer_kind].fullmatch(solution[-1]))
     brevity = 0.0 if answer is None else min(1.0, BREVITY_SLACK * _length(task.reference) / max(_length(response), 1))
     repetition = _clip01((repetition_rate(response) - 0.1) / 0.4)
     gibberish = _clip01((gibberish_rate(task, response) - 0.1) / 0.3)
@@ -283,10 +295,11 @@ def _check_lists(spec: tuple, steps: list[str]) -> list[bool]:
 def check_steps(task, response: str) -> StepCheck:
     """Which steps of `response` are correct, and where the first wrong one is (see module doc)."""
     task = as_task(task)
-    steps = split_steps(response)
-    # Answer lines are judged by their answer wherever they stand; the rest by the family's rules.
+    steps, filler = _steps_and_filler(response)
+    # Answer lines are judged by their answer wherever they stand; filler (openers, padding, the
+    # restated question, check lines, closings) is no step and passes; the rest by the family's rules.
     is_answer = [_ANSWER_RE.search(s) is not None for s in steps]
-    body = [s for s, a in zip(steps, is_answer) if not a]
+    body = [strip_connective(s) for s, a, f in zip(steps, is_answer, filler) if not a and not f]
     if task.family == "arithmetic":
         body_marks = _check_expression(task.spec, body)
     elif task.family == "word":
@@ -298,7 +311,8 @@ def check_steps(task, response: str) -> StepCheck:
     else:
         body_marks = _check_lists(task.spec, body)
     it = iter(body_marks)
-    marks = [answers_match(task, extract_answer(s)) if a else next(it) for s, a in zip(steps, is_answer)]
+    marks = [True if f else answers_match(task, extract_answer(s)) if a else next(it)
+             for s, a, f in zip(steps, is_answer, filler)]
     first = next((i for i, ok in enumerate(marks) if not ok), None)
     if first is not None:
         marks = marks[:first] + [False] * (len(marks) - first)

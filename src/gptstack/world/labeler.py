@@ -2,7 +2,8 @@
 
 Each response gets a utility
 
-    u = gold(task, response) + length_bias * log2(words) + position_bias * (K-1-i)/(K-1)
+    u = gold(task, response) + length_bias * log2(words) + style_bias[style_of(response)]
+        + position_bias * (K-1-i)/(K-1)
 
 (i = the position it was shown in) and the ranking is drawn from the Plackett-Luce model with
 weights exp(u / tau), by sorting u/tau + Gumbel noise. The Gumbel trick makes every pair's order
@@ -14,12 +15,14 @@ an exact Bradley-Terry draw, whatever K is:
 gold on a pair with probability sigmoid(|gold(a) - gold(b)| / tau). tau = 0 is a noiseless
 labeler that sorts by utility (ties keep the shown order).
 
-Defaults (WorldConfig): tau = 0.35 and length_bias = 0.1 per doubling of length. With gold's
-scale (right answer +0.8, format and brevity 0.1 each), a right answer beats a wrong one
-sigmoid(0.8/0.35) = 91% of the time, while two answers that differ only in form are close to a
-coin flip (sigmoid(0.1/0.35) = 57%); and among equally good answers, one twice as long is
-preferred sigmoid(0.1/0.35) = 57% of the time although gold mildly prefers the shorter one. That
-is the realistic flaw a reward model learns and RL then amplifies (longer and longer answers).
+Defaults (WorldConfig): tau = 0.35, length_bias = 0.3 per doubling of length, and a style taste
+of +0.1 for "thorough-looking" checked answers and +0.1 for friendly chatty ones. With gold's scale
+(right answer +0.8, format and brevity 0.1 each), a right answer beats an equally long wrong one
+sigmoid(0.8/0.35) = 91% of the time; among equally good answers, one twice as long is preferred
+sigmoid(0.3/0.35) = 70% of the time although gold prefers the shorter one, and a wrong answer four
+times as long as a right terse one ties with it (0.6 of length against 0.8 - 0.2 of gold). Real
+preference data has these tastes (Singhal et al. 2023: 70-90 % of PPO's reward gain came from
+length); they are the flaw a reward model learns and RL then amplifies.
 
 Usage:
     labeler = Labeler.from_config(config)
@@ -34,6 +37,7 @@ import random
 from dataclasses import dataclass
 
 from .gold import gold as gold_reward
+from .styles import STYLES, style_of
 from .tasks import WorldConfig, as_task
 
 
@@ -56,15 +60,22 @@ def _words(text: str) -> int:
 
 
 class Labeler:
-    def __init__(self, tau: float = 0.35, length_bias: float = 0.1, position_bias: float = 0.0):
+    def __init__(self, tau: float = 0.35, length_bias: float = 0.3, position_bias: float = 0.0,
+                 style_bias: dict[str, float] | list[float] | None = None):
         if tau < 0:
             raise ValueError(f"tau: expected >= 0, got {tau}")
         self.tau, self.length_bias, self.position_bias = float(tau), float(length_bias), float(position_bias)
+        if style_bias is None:
+            style_bias = [0.0] * len(STYLES)
+        if not isinstance(style_bias, dict):
+            style_bias = dict(zip(STYLES, style_bias))
+        self.style_bias = {s: float(style_bias.get(s, 0.0)) for s in STYLES}
 
     @classmethod
     def from_config(cls, config: WorldConfig | None = None) -> "Labeler":
         config = (config or WorldConfig()).validate()
-        return cls(config.labeler_tau, config.labeler_length_bias, config.labeler_position_bias)
+        return cls(config.labeler_tau, config.labeler_length_bias, config.labeler_position_bias,
+                   config.labeler_style_bias)
 
     def utilities(self, task, responses: list[str], golds: list[float] | None = None,
                   ended: list[bool] | None = None) -> tuple[list[float], list[float]]:
@@ -76,7 +87,7 @@ class Labeler:
             golds = [gold_reward(task, r, e) for r, e in zip(responses, ended)]
         utils = []
         for i, (r, g) in enumerate(zip(responses, golds)):
-            u = g + self.length_bias * math.log2(_words(r))
+            u = g + self.length_bias * math.log2(_words(r)) + self.style_bias.get(style_of(r), 0.0)
             if k > 1:
                 u += self.position_bias * (k - 1 - i) / (k - 1)
             utils.append(u)

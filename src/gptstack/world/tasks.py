@@ -57,10 +57,16 @@ class WorldConfig:
     eval_per_family: int = field(default=100, metadata={
         "help": "held-out eval prompts per family (contract: >= 100 per family, >= 500 in all)"})
     eval_seed: int = field(default=1234, metadata={"help": "seed of the fixed held-out eval set"})
+    style_mix: list[float] = field(default_factory=lambda: [0.3, 0.2, 0.15, 0.15, 0.2], metadata={
+        "help": "demonstration weights of the response styles terse, standard, explained, checked, chatty (world/styles.py)"})
+    padding_max: int = field(default=3, metadata={
+        "help": "most padding sentences a long-style demonstration (explained, chatty) carries; P(k) halves per extra one"})
     labeler_tau: float = field(default=0.35, metadata={
         "help": "labeler noise: P(a > b) = sigmoid((u(a) - u(b)) / tau); 0 = a noiseless labeler"})
-    labeler_length_bias: float = field(default=0.1, metadata={
+    labeler_length_bias: float = field(default=0.3, metadata={
         "help": "labeler utility added per doubling of a response's length in words (a liking for longer answers)"})
+    labeler_style_bias: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.1, 0.1], metadata={
+        "help": "labeler utility added per response style terse, standard, explained, checked, chatty (a taste for thorough-looking or friendly answers)"})
     labeler_position_bias: float = field(default=0.0, metadata={
         "help": "labeler utility added to the first-shown response, falling linearly to 0 for the last"})
     doc_english_fraction: float = field(default=0.3, metadata={
@@ -77,6 +83,14 @@ class WorldConfig:
                             f"(levels {LEVELS[0]}-{LEVELS[-1]}) with a positive sum, got {mix!r}")
         if self.eval_per_family < 1:
             raise UserError(f"world.eval_per_family: expected a positive count, got {self.eval_per_family}")
+        from .styles import STYLES  # noqa: PLC0415
+        for name in ("style_mix", "labeler_style_bias"):
+            values = list(getattr(self, name))
+            if len(values) != len(STYLES) or (name == "style_mix" and (any(w < 0 for w in values) or sum(values) <= 0)):
+                what = "non-negative weights with a positive sum" if name == "style_mix" else "numbers"
+                raise UserError(f"world.{name}: expected {len(STYLES)} {what} (styles {', '.join(STYLES)}), got {values!r}")
+        if self.padding_max < 0:
+            raise UserError(f"world.padding_max: expected >= 0, got {self.padding_max}")
         if self.labeler_tau < 0:
             raise UserError(f"world.labeler_tau: expected >= 0, got {self.labeler_tau}")
         if not 0 <= self.doc_english_fraction <= 1:
@@ -103,6 +117,11 @@ class Task:
     def answer_kind(self) -> str:
         """"int" (a single integer) or "list" (comma-separated numbers or words)."""
         return "list" if self.family == "lists" else "int"
+
+    def styled(self, style: str, rng: random.Random, padding_max: int = 3) -> str:
+        """This task answered in `style` (world/styles.py); `rng` draws openers and padding."""
+        from .styles import render  # noqa: PLC0415 (styles reads tasks' helpers)
+        return render(self, style, rng, padding_max)
 
     def messages(self, response: str | None = None) -> list[dict]:
         """The task as a chat: the prompt, then `response` (default: the reference) as the answer."""
@@ -666,6 +685,19 @@ def task_stream(seed: int, config: WorldConfig | None = None, families: Sequence
             yield task
 
 
+def demonstrations(n: int, seed: int, config: WorldConfig | None = None) -> list[tuple[Task, str, str]]:
+    """`n` SFT demonstrations (task, style, response): training tasks answered in styles drawn by
+    `config.style_mix`. The tasks are `train_tasks(n, seed, config)`'s; styles come from their own stream."""
+    from .styles import STYLES  # noqa: PLC0415
+    config = (config or WorldConfig()).validate()
+    rng = random.Random(f"gptstack-world/styles/{seed}")
+    out = []
+    for task in train_tasks(n, seed, config):
+        style = rng.choices(STYLES, weights=config.style_mix)[0]
+        out.append((task, style, task.styled(style, rng, config.padding_max)))
+    return out
+
+
 def train_tasks(n: int, seed: int, config: WorldConfig | None = None,
                 families: Sequence[str] | None = None) -> list[Task]:
     """`n` training tasks (see `task_stream`); the same (n, seed, config) gives the same list."""
@@ -683,5 +715,7 @@ def vocabulary() -> frozenset[str]:
         "How many times does the letter appear in", "Spelled out: Counting none",
     ]
     words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
+    from .styles import vocabulary_text  # noqa: PLC0415 (styles imports tasks lazily too)
+    words |= {w.lower() for w in re.findall(r"[A-Za-z]+", vocabulary_text())}
     words |= {w.lower() for w in NAMES} | {p.lower() for p in NAMES.values()} | set(ITEMS) | set(WORDS) | set(_LETTERS)
     return frozenset(words)
