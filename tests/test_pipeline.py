@@ -10,7 +10,8 @@ from gptstack.common import UserError
 from gptstack.config import build_config
 
 POLICY_KEYS = ("eval/accuracy", "eval/accuracy_ci95", "eval/gold_reward", "eval/format_ok", "eval/kl_to_sft",
-               "wall_seconds")
+               "wall_seconds", "eval/pass@1", "eval/length", "eval/entropy",
+               "eval/style/terse", "eval/style/standard", "eval/style/explained", "eval/style/checked", "eval/style/chatty")
 KEYS = {
     "pretrain": ("val_loss", "val_bpb", "tokens_seen", "params"),
     "sft": POLICY_KEYS + ("base/eval/accuracy", "base/eval/accuracy_ci95", "base/eval/gold_reward"),
@@ -48,7 +49,7 @@ def test_micro_pipeline_contract_skip_and_resume(tmp_path):
     for row in _summary(run, "bon")["by_n"]:
         assert set(row) >= {"n", "kl", "d", "proxy", "gold", "accuracy"}
     for row in _summary(run, "overopt")["points"]:
-        assert set(row) >= {"step", "kl", "d", "proxy", "gold"}
+        assert set(row) >= {"step", "kl", "d", "proxy", "gold", "length"}
     search = _summary(run, "search")
     assert set(search["accuracy"]) == {"prm", "orm", "rm", "majority", "prm_search"} == set(search["tokens"])
 

