@@ -154,7 +154,7 @@ def test_gold_formula_on_hand_written_cases():
     s = score(t, t.reference, ended=False)
     assert s.correct and not s.format_ok and s.unfinished == 0.8 and s.score == pytest.approx((0.8 + 0.1) * 0.2)
     # brevity: up to 1.5x the reference's length is free, then it decays as 1.5 L_ref / L
-    padded = "17 + 25 = 42. " * 1 + "I add the numbers carefully one at a time now.\n42 - 8 = 34.\nThe answer is 34."
+    padded = "17 + 25 = 42. I compute the sums carefully and precisely right now.\n42 - 8 = 34.\nThe answer is 34."
     s = score(t, padded)
     assert s.correct and s.format_ok and 0.5 < s.brevity < 1 and s.gibberish > 0
     # a list answer: items must match in order; spacing is forgiven by correctness, not by format
