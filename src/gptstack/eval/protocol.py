@@ -137,7 +137,7 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
                        seed=cfg.seed + 1, batch_size=cfg.batch_size)
 
     correct_by_family: dict[str, list[bool]] = defaultdict(list)
-    gold_scores, passes, samples_out, words, styles = [], [], [], [], []
+    gold_scores, passes, samples_out, sample_texts_all = [], [], [], []
     for task, g, samples in zip(tasks, greedy, sampled):
         (text, _), = texts(g)
         correct_by_family[task.family].append(world.is_correct(task, text))
@@ -145,8 +145,7 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         scored = [world.score(task, t, ended) for t, ended in sample_texts]
         gold_scores += scored
         passes.append(any(s.correct for s in scored))
-        words += [len(t.split()) for t, _ in sample_texts]
-        styles += [world.style_of(t) for t, _ in sample_texts]
+        sample_texts_all += [t for t, _ in sample_texts]
         samples_out.append({"family": task.family, "difficulty": task.difficulty, "prompt": task.prompt,
                             "response": text, "correct": correct_by_family[task.family][-1]})
 
@@ -161,9 +160,8 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         f"{prefix}/format_ok": gold["gold/format_ok"],
         f"{prefix}/pass@{cfg.k}": sum(passes) / n,
         f"{prefix}/pass@1": gold["gold/accuracy"],
-        f"{prefix}/length": sum(words) / len(words),
-        f"{prefix}/entropy": -sum(sum(c.logprobs) for samples in sampled for c in samples) / len(words),
-        **{f"{prefix}/style/{s}": styles.count(s) / len(styles) for s in world.STYLES + ("other",)},
+        f"{prefix}/entropy": -sum(sum(c.logprobs) for samples in sampled for c in samples) / len(sample_texts_all),
+        **{f"{prefix}/{k}": v for k, v in world.describe(sample_texts_all).items()},
         f"{prefix}/n_prompts": n,
     }
     if reward_model is not None:  # the proxy's view of the same T = 1 samples (RL stages: eval/proxy_score)

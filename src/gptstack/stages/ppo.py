@@ -299,11 +299,8 @@ def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Item], tok: T
     texts = response_texts(tok, batch)
     extra = gold_and_hacks(items, batch, texts)
     kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
-    words = [len(t.split()) for t in texts]
-    styles = [world.style_of(t) for t in texts]
     point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
-             "accuracy": extra["correct"].mean().item(), "length": sum(words) / len(words),
-             **{f"style/{s}": styles.count(s) / len(styles) for s in world.STYLES}}
+             "accuracy": extra["correct"].mean().item(), **world.describe(texts)}
     if rm is not None:
         scores = rm.score(batch.ids, pad_mask=batch.pad_mask)
         point["proxy"] = scores.mean().item()

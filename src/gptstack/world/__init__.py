@@ -20,12 +20,12 @@ from .documents import documents, english_documents, task_document, world_docume
 from .gold import (GoldScore, StepCheck, check_steps, extract_answer, gold, is_correct, score,
                    split_steps, step_labels, summarize)
 from .labeler import Judgement, Labeler, ranking_to_pairs
-from .styles import STYLES, style_of
+from .styles import STYLES, describe, style_of, words
 from .tasks import (FAMILIES, LEVELS, EvalIndex, Task, WorldConfig, as_task, demonstrations, eval_index,
                     eval_set, generate, task_from_prompt, task_stream, train_tasks, vocabulary)
 
 __all__ = [
-    "FAMILIES", "LEVELS", "STYLES", "demonstrations", "style_of", "EvalIndex", "GoldScore", "Judgement", "Labeler", "StepCheck", "Task", "WorldConfig",
+    "FAMILIES", "LEVELS", "STYLES", "demonstrations", "describe", "style_of", "words", "EvalIndex", "GoldScore", "Judgement", "Labeler", "StepCheck", "Task", "WorldConfig",
     "as_task", "check_steps", "documents", "english_documents", "eval_index", "eval_set", "extract_answer",
     "generate", "gold", "is_correct", "ranking_to_pairs", "score", "split_steps", "step_labels", "summarize",
     "task_document", "task_from_prompt", "task_stream", "train_tasks", "vocabulary", "world_documents",

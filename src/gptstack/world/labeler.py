@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass
 
 from .gold import gold as gold_reward
-from .styles import STYLES, style_of
+from .styles import STYLES, style_of, words
 from .tasks import WorldConfig, as_task
 
 
@@ -53,10 +53,6 @@ def sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
-
-
-def _words(text: str) -> int:
-    return max(1, len(text.split()))
 
 
 class Labeler:
@@ -87,7 +83,7 @@ class Labeler:
             golds = [gold_reward(task, r, e) for r, e in zip(responses, ended)]
         utils = []
         for i, (r, g) in enumerate(zip(responses, golds)):
-            u = g + self.length_bias * math.log2(_words(r)) + self.style_bias.get(style_of(r), 0.0)
+            u = g + self.length_bias * math.log2(max(1, words(r))) + self.style_bias.get(style_of(r), 0.0)
             if k > 1:
                 u += self.position_bias * (k - 1 - i) / (k - 1)
             utils.append(u)

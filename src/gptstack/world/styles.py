@@ -23,6 +23,8 @@ problem gives the model no room to compute, so it errs more (measured in docs/LO
 
     render(task, style, rng, padding_max) -> str      one demonstration
     style_of(text) -> str                             which style a response is (for metrics)
+    words(text) -> int                                a response's length in words (labeler, metrics)
+    describe(texts) -> {"length", "style/<s>"}        mean words and style shares of a set of responses
     is_filler(line) -> bool                           lines the step checker passes over (openers,
                                                       padding, restatements, checks, closings)
     strip_connective(line) -> str                     "First, 3 + 4 = 7." -> "3 + 4 = 7."
@@ -55,7 +57,7 @@ def _padding(rng: random.Random, padding_max: int) -> list[str]:
 
 def _check_line(task) -> str:
     """A verification of the answer, in the family's own terms (an inverse step where there is one)."""
-    from .tasks import list_output, word_expression, reduce_expression  # noqa: PLC0415 (tasks imports nothing of ours)
+    from .tasks import list_output, reduce_expression, word_expression  # noqa: PLC0415 (tasks imports this module)
 
     if task.family in ("arithmetic", "word"):
         tokens = task.spec if task.family == "arithmetic" else word_expression(task.spec)
@@ -136,6 +138,18 @@ def style_of(text: str) -> str:
     if len(lines) == 1:
         return "terse"
     return "standard"
+
+
+def words(text: str) -> int:
+    """A response's length in words: what the labeler's length taste and the length metrics count."""
+    return len(text.split())
+
+
+def describe(texts: list[str]) -> dict[str, float]:
+    """What a set of responses is like: mean length in words and the share in each style ("other" too)."""
+    styles = [style_of(t) for t in texts]
+    return {"length": sum(map(words, texts)) / len(texts),
+            **{f"style/{s}": styles.count(s) / len(styles) for s in STYLES + ("other",)}}
 
 
 def vocabulary_text() -> str:

@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..common import UserError
+from .styles import STYLES, render, vocabulary_text
 
 FAMILIES = ("arithmetic", "compare", "count", "lists", "word")
 LEVELS = (1, 2, 3, 4)
@@ -83,7 +84,6 @@ class WorldConfig:
                             f"(levels {LEVELS[0]}-{LEVELS[-1]}) with a positive sum, got {mix!r}")
         if self.eval_per_family < 1:
             raise UserError(f"world.eval_per_family: expected a positive count, got {self.eval_per_family}")
-        from .styles import STYLES  # noqa: PLC0415
         for name in ("style_mix", "labeler_style_bias"):
             values = list(getattr(self, name))
             if len(values) != len(STYLES) or (name == "style_mix" and (any(w < 0 for w in values) or sum(values) <= 0)):
@@ -120,7 +120,6 @@ class Task:
 
     def styled(self, style: str, rng: random.Random, padding_max: int = 3) -> str:
         """This task answered in `style` (world/styles.py); `rng` draws openers and padding."""
-        from .styles import render  # noqa: PLC0415 (styles reads tasks' helpers)
         return render(self, style, rng, padding_max)
 
     def messages(self, response: str | None = None) -> list[dict]:
@@ -688,7 +687,6 @@ def task_stream(seed: int, config: WorldConfig | None = None, families: Sequence
 def demonstrations(n: int, seed: int, config: WorldConfig | None = None) -> list[tuple[Task, str, str]]:
     """`n` SFT demonstrations (task, style, response): training tasks answered in styles drawn by
     `config.style_mix`. The tasks are `train_tasks(n, seed, config)`'s; styles come from their own stream."""
-    from .styles import STYLES  # noqa: PLC0415
     config = (config or WorldConfig()).validate()
     rng = random.Random(f"gptstack-world/styles/{seed}")
     out = []
@@ -715,7 +713,6 @@ def vocabulary() -> frozenset[str]:
         "How many times does the letter appear in", "Spelled out: Counting none",
     ]
     words = {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
-    from .styles import vocabulary_text  # noqa: PLC0415 (styles imports tasks lazily too)
     words |= {w.lower() for w in re.findall(r"[A-Za-z]+", vocabulary_text())}
     words |= {w.lower() for w in NAMES} | {p.lower() for p in NAMES.values()} | set(ITEMS) | set(WORDS) | set(_LETTERS)
     return frozenset(words)
