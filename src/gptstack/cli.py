@@ -7,6 +7,8 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import sys
 import time
@@ -673,12 +675,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errnos of an output that cannot be written: a user's problem to fix, not a bug to trace
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def check_writable(out: str) -> None:
+    """Refuse an output path that cannot be written, before any work (nothing is created here):
+    the nearest existing folder on its path must be a writable directory."""
+    path = Path(out).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise UserError(f"{out}: cannot be created: {probe} is a file, not a directory")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot write under {probe} (read-only or permission denied)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "out", None), str):
+            check_writable(args.out)
         return args.handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
+        # atomic writes leave every earlier file whole: say which write failed and what is kept
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}cannot write ({e.strerror or e}); what was written before is intact, and a rerun "
+              "resumes from the last checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,15 @@ class UserError(Exception):
     """
 
 
+class TrainingDiverged(UserError):
+    """Training stopped on non-finite losses or gradients: printed like a UserError (one `error:`
+    line, exit 2), naming the last checkpoint, which holds finite weights."""
+
+
+class NonFiniteWeights(TrainingDiverged):
+    """Weights about to be saved hold NaN/inf: nothing is written."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old file or the whole new one.
 
@@ -34,6 +43,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() names no file: name the one we were writing
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -42,6 +56,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike, pattern: str = "**/.*.tmp") -> int:
+    """Delete the temporary files (and folders) of atomic writes that a kill interrupted under
+    `directory`, as a stage starts (one writer per stage directory). -> how many were removed."""
+    import shutil
+
+    directory = Path(directory)
+    stale = list(directory.glob(pattern)) if directory.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

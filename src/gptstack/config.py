@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .common import UserError
+from .common import UserError, read_bytes_file
 from .model.gpt import PRESETS, GPTConfig
 from .world.tasks import WorldConfig
 from .eval.config import EvalConfig
@@ -27,60 +28,61 @@ from .report.config import ReportConfig
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = field(default=4096, metadata={"help": "total vocabulary: 256 bytes + merges + specials"})
+    vocab_size: int = field(default=4096, metadata={"range": "[257, inf)", "help": "total vocabulary: 256 bytes + merges + specials"})
     pattern: str = field(default="digits", metadata={"help": "pre-split regex: gpt4, gpt2, digits, none or a regex"})
-    max_train_chars: int = field(default=20_000_000, metadata={"help": "train BPE on at most this many characters of the corpus"})
+    max_train_chars: int = field(default=20_000_000, metadata={"range": "[1, inf)", "help": "train BPE on at most this many characters of the corpus"})
+    identity: str = field(default="", metadata={"help": "written by the stages: sha256 of the run's tokenizer, checked when a stage is loaded (leave empty)"})
 
 
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list, metadata={"help": "text/JSONL files; empty = the recipe's built-in corpus"})
     builtin: str = field(default="world", metadata={"help": "built-in corpus when no paths are given: world (the task world's documents + English) or tinyshakespeare"})
-    world_chars: int = field(default=3_000_000, metadata={"help": "characters of the built-in world corpus (train split; val is val_fraction of it)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "fraction held out for validation"})
+    world_chars: int = field(default=3_000_000, metadata={"range": "[1, inf)", "help": "characters of the built-in world corpus (train split; val is val_fraction of it)"})
+    val_fraction: float = field(default=0.1, metadata={"range": "(0, 1)", "help": "fraction held out for validation"})
     split: str = field(default="auto", metadata={"help": "tail: last fraction of the text (nanoGPT); docs: last fraction of documents; auto: tail for one document"})
     doc_separator: str = field(default="", metadata={"help": "split .txt files into documents at this string (empty: one document per file)"})
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    batch_size: int = field(default=12, metadata={"range": "[1, inf)", "help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"range": "[1, inf)", "help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=2000, metadata={"range": "[1, inf)", "help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"range": "[0, 1]", "help": "final lr as a fraction of the peak"})
+    warmup_steps: int = field(default=100, metadata={"range": "[0, inf)", "help": "linear warmup steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | wsd (warmup-stable-decay) | constant"})
-    decay_fraction: float = field(default=0.3, metadata={"help": "wsd: fraction of steps spent decaying"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (matrices only)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0 = off)"})
+    decay_fraction: float = field(default=0.3, metadata={"range": "[0, 1]", "help": "wsd: fraction of steps spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"range": "[0, inf)", "help": "AdamW decoupled weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"range": "[0, 1)", "help": "AdamW beta1"})
+    beta2: float = field(default=0.99, metadata={"range": "[0, 1)", "help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "clip the global grad norm (0 = off)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (autocast; auto = bf16 on CUDA, fp32 on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: FSDP2 (fully_shard) instead of DDP"})
-    eval_every: int = field(default=0, metadata={"help": "estimate val loss every N steps (0 = only at the end)"})
-    eval_batches: int = field(default=20, metadata={"help": "batches per periodic val estimate (the final eval uses the full split)"})
-    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
-    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0 = only at the end)"})
-    seed: int = field(default=1337, metadata={"help": "seed for init and data order"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
-    peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s for MFU (0 = measure a matmul at start)"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite losses"})
-    stop_at: int = field(default=0, metadata={"help": "stop after this step with a checkpoint, the schedule still spanning max_steps (time-boxed sessions; rerun to resume)"})
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "estimate val loss every N steps (0 = only at the end)"})
+    eval_batches: int = field(default=20, metadata={"range": "[1, inf)", "help": "batches per periodic val estimate (the final eval uses the full split)"})
+    log_every: int = field(default=10, metadata={"range": "[1, inf)", "help": "write metrics every N steps"})
+    checkpoint_every: int = field(default=500, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps (0 = only at the end)"})
+    seed: int = field(default=1337, metadata={"range": "[0, inf)", "help": "seed for init and data order"})
+    threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
+    peak_flops: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "peak FLOP/s for MFU (0 = measure a matmul at start)"})
+    max_bad_steps: int = field(default=5, metadata={"range": "[1, inf)", "help": "stop after this many consecutive non-finite losses"})
+    stop_at: int = field(default=0, metadata={"range": "[0, inf)", "help": "stop after this step with a checkpoint, the schedule still spanning max_steps (time-boxed sessions; rerun to resume)"})
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: the training fields of TrainConfig with fine-tuning defaults."""
 
-    batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch per process"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    eval_every: int = field(default=0, metadata={"help": "run the eval protocol every N steps (0 = only at the end)"})
-    checkpoint_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
-    demos: int = field(default=20000, metadata={"help": "world demonstrations to fine-tune on (when no --data file)"})
+    batch_size: int = field(default=32, metadata={"range": "[1, inf)", "help": "conversations per micro-batch per process"})
+    max_steps: int = field(default=600, metadata={"range": "[1, inf)", "help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"range": "[0, inf)", "help": "linear warmup steps"})
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "run the eval protocol every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=200, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
+    demos: int = field(default=20000, metadata={"range": "[1, inf)", "help": "world demonstrations to fine-tune on (when no --data file)"})
     packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss, ~30 % faster on world data); false: one padded row each"})
 
 
@@ -88,52 +90,52 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Direct preference optimisation (stages/dpo.py): the training fields with DPO defaults."""
 
-    batch_size: int = field(default=16, metadata={"help": "preference pairs per micro-batch per process (each pair = 2 sequences)"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay (TRL's default for DPO: 0)"})
-    eval_every: int = field(default=0, metadata={"help": "DPO metrics on the held-out pairs every N steps (0 = only at the end)"})
-    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference (higher = closer to SFT)"})
+    batch_size: int = field(default=16, metadata={"range": "[1, inf)", "help": "preference pairs per micro-batch per process (each pair = 2 sequences)"})
+    max_steps: int = field(default=300, metadata={"range": "[1, inf)", "help": "optimizer steps"})
+    lr: float = field(default=1e-5, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"range": "[0, inf)", "help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "AdamW decoupled weight decay (TRL's default for DPO: 0)"})
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "DPO metrics on the held-out pairs every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=100, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
+    beta: float = field(default=0.1, metadata={"range": "(0, inf)", "help": "DPO beta: strength of the implicit KL to the reference (higher = closer to SFT)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo (identity preference optimisation, on per-token mean logprobs)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "sigmoid loss: assumed label-noise rate eps in [0, 0.5) (conservative DPO)"})
+    label_smoothing: float = field(default=0.0, metadata={"range": "[0, 0.5)", "help": "sigmoid loss: assumed label-noise rate eps in [0, 0.5) (conservative DPO)"})
     pairs: str = field(default="all", metadata={"help": "pairs of a K-wise ranking: all (K(K-1)/2) | best_vs_rest | best_worst"})
-    rpo_alpha: float = field(default=0.0, metadata={"help": "weight of the chosen responses' per-token NLL added to the loss (TRL's rpo_alpha; 0 = plain DPO)"})
-    heldout_fraction: float = field(default=0.05, metadata={"help": "fraction of prompts whose pairs are held out for eval_rewards/accuracies"})
-    ref_batch_size: int = field(default=64, metadata={"help": "sequences per batch when computing reference / held-out logprobs"})
+    rpo_alpha: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "weight of the chosen responses' per-token NLL added to the loss (TRL's rpo_alpha; 0 = plain DPO)"})
+    heldout_fraction: float = field(default=0.05, metadata={"range": "[0, 1)", "help": "fraction of prompts whose pairs are held out for eval_rewards/accuracies"})
+    ref_batch_size: int = field(default=64, metadata={"range": "[1, inf)", "help": "sequences per batch when computing reference / held-out logprobs"})
 
 
 @dataclass
 class PrefsConfig:
     """Comparison collection (stages/prefs.py): K sampled responses per prompt, ranked by the labeler."""
 
-    prompts: int = field(default=2000, metadata={"help": "world training prompts to collect comparisons on"})
-    k: int = field(default=4, metadata={"help": "responses sampled (and ranked) per prompt"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the K responses"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
-    batch_size: int = field(default=64, metadata={"help": "prompts decoded together (each with k rows; the samples do not depend on it)"})
-    seed: int = field(default=2, metadata={"help": "seed of the prompts, the samples and the labeler's noise"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    prompts: int = field(default=2000, metadata={"range": "[1, inf)", "help": "world training prompts to collect comparisons on"})
+    k: int = field(default=4, metadata={"range": "[2, inf)", "help": "responses sampled (and ranked) per prompt"})
+    temperature: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "sampling temperature of the K responses"})
+    max_new_tokens: int = field(default=96, metadata={"range": "[1, inf)", "help": "response length limit"})
+    batch_size: int = field(default=64, metadata={"range": "[1, inf)", "help": "prompts decoded together (each with k rows; the samples do not depend on it)"})
+    seed: int = field(default=2, metadata={"range": "[0, inf)", "help": "seed of the prompts, the samples and the labeler's noise"})
+    threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
 @dataclass
 class RMConfig(TrainConfig):
     """Reward model training (stages/rm.py): the training fields of TrainConfig with RM defaults."""
 
-    batch_size: int = field(default=16, metadata={"help": "prompts per micro-batch per process (each with all its K responses and C(K,2) pairs)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = derived from epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training prompts when max_steps is 0 (InstructGPT: 1; more overfits)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
-    log_every: int = field(default=10, metadata={"help": "write metrics every N steps"})
-    eval_every: int = field(default=0, metadata={"help": "held-out pair accuracy every N steps (0 = only at the end)"})
-    checkpoint_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "fraction of prompts held out for evaluation (split by a hash of the prompt)"})
-    norm_prompts: int = field(default=256, metadata={"help": "prompts the SFT policy answers (one sample each, T = 1) to normalise the reward to mean 0, std 1"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit of the policy samples (normalisation, policy/accuracy)"})
-    score_batch_size: int = field(default=64, metadata={"help": "sequences per scoring batch (evaluation, normalisation)"})
-    lm_coef: float = field(default=0.0, metadata={"help": "weight of a language-modelling loss on each prompt's best response, through the trunk's LM head (Cobbe et al. 2021's joint verifier objective; 0 = off)"})
+    batch_size: int = field(default=16, metadata={"range": "[1, inf)", "help": "prompts per micro-batch per process (each with all its K responses and C(K,2) pairs)"})
+    max_steps: int = field(default=0, metadata={"range": "[0, inf)", "help": "optimizer steps (0 = derived from epochs)"})
+    epochs: float = field(default=1.0, metadata={"range": "(0, inf)", "help": "passes over the training prompts when max_steps is 0 (InstructGPT: 1; more overfits)"})
+    lr: float = field(default=3e-4, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"range": "[0, inf)", "help": "linear warmup steps"})
+    log_every: int = field(default=10, metadata={"range": "[1, inf)", "help": "write metrics every N steps"})
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "held-out pair accuracy every N steps (0 = only at the end)"})
+    checkpoint_every: int = field(default=200, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
+    eval_fraction: float = field(default=0.1, metadata={"range": "[0, 1)", "help": "fraction of prompts held out for evaluation (split by a hash of the prompt)"})
+    norm_prompts: int = field(default=256, metadata={"range": "[1, inf)", "help": "prompts the SFT policy answers (one sample each, T = 1) to normalise the reward to mean 0, std 1"})
+    max_new_tokens: int = field(default=96, metadata={"range": "[1, inf)", "help": "response length limit of the policy samples (normalisation, policy/accuracy)"})
+    score_batch_size: int = field(default=64, metadata={"range": "[1, inf)", "help": "sequences per scoring batch (evaluation, normalisation)"})
+    lm_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "weight of a language-modelling loss on each prompt's best response, through the trunk's LM head (Cobbe et al. 2021's joint verifier objective; 0 = off)"})
     likelihood_score: bool = field(default=False, metadata={"help": "score = head + c x the response's mean token log-likelihood under the RM's own LM head, c learned (generative verifier / DPO-style implicit reward)"})
     likelihood_init: float = field(default=0.0, metadata={"help": "rm.likelihood_score: the starting c (0: scores start at 0; 1: the RM starts as its trunk's own likelihood judge)"})
 
@@ -142,14 +144,14 @@ class RMConfig(TrainConfig):
 class BonConfig:
     """Best-of-N (stages/bon.py): sample max(n) per held-out prompt, pick the RM's argmax among n."""
 
-    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"help": "the n values of best-of-n (comma-separated on --set)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
-    prompts: int = field(default=0, metadata={"help": "use only the first N prompts of the world's held-out eval set (0 = all)"})
-    batch_size: int = field(default=4, metadata={"help": "prompts decoded together (each with max(n) rows; the samples do not depend on it)"})
-    score_batch_size: int = field(default=128, metadata={"help": "sequences per reward-model scoring batch"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"range": "[1, inf)", "help": "the n values of best-of-n (comma-separated on --set)"})
+    temperature: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "sampling temperature"})
+    max_new_tokens: int = field(default=96, metadata={"range": "[1, inf)", "help": "response length limit"})
+    prompts: int = field(default=0, metadata={"range": "[0, inf)", "help": "use only the first N prompts of the world's held-out eval set (0 = all)"})
+    batch_size: int = field(default=4, metadata={"range": "[1, inf)", "help": "prompts decoded together (each with max(n) rows; the samples do not depend on it)"})
+    score_batch_size: int = field(default=128, metadata={"range": "[1, inf)", "help": "sequences per reward-model scoring batch"})
+    seed: int = field(default=0, metadata={"range": "[0, inf)", "help": "sampling seed"})
+    threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
 @dataclass
@@ -158,57 +160,57 @@ class RLConfig(TrainConfig):
     -> `epochs` passes of clipped updates over `minibatches` per rollout batch. Counted in updates
     (one rollout batch each); the optimizer takes updates x epochs x minibatches steps."""
 
-    max_steps: int = field(default=0, metadata={"help": "derived: updates x epochs x minibatches (leave 0)"})
-    updates: int = field(default=60, metadata={"help": "rollout + optimisation rounds"})
-    prompts_per_update: int = field(default=64, metadata={"help": "prompts sampled per update per process"})
-    samples_per_prompt: int = field(default=1, metadata={"help": "responses per prompt (GRPO's group size G)"})
-    epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    minibatches: int = field(default=4, metadata={"help": "optimizer steps per epoch (the batch is split into this many)"})
-    batch_size: int = field(default=0, metadata={"help": "derived: rollouts per micro-batch (leave 0; set grad_accum to split a minibatch)"})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup, in optimizer steps"})
+    max_steps: int = field(default=0, metadata={"range": "[0, inf)", "help": "derived: updates x epochs x minibatches (leave 0)"})
+    updates: int = field(default=60, metadata={"range": "[1, inf)", "help": "rollout + optimisation rounds"})
+    prompts_per_update: int = field(default=64, metadata={"range": "[1, inf)", "help": "prompts sampled per update per process"})
+    samples_per_prompt: int = field(default=1, metadata={"range": "[1, inf)", "help": "responses per prompt (GRPO's group size G)"})
+    epochs: int = field(default=4, metadata={"range": "[1, inf)", "help": "passes over each rollout batch"})
+    minibatches: int = field(default=4, metadata={"range": "[1, inf)", "help": "optimizer steps per epoch (the batch is split into this many)"})
+    batch_size: int = field(default=0, metadata={"range": "[0, inf)", "help": "derived: rollouts per micro-batch (leave 0; set grad_accum to split a minibatch)"})
+    lr: float = field(default=5e-5, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    warmup_steps: int = field(default=0, metadata={"range": "[0, inf)", "help": "linear warmup, in optimizer steps"})
     schedule: str = field(default="constant", metadata={"help": "cosine | wsd | constant"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    max_new_tokens: int = field(default=64, metadata={"help": "response length limit of the rollouts"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout temperature (logprobs are recomputed at the same T)"})
+    weight_decay: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "AdamW decoupled weight decay"})
+    beta2: float = field(default=0.999, metadata={"range": "[0, 1)", "help": "AdamW beta2"})
+    max_new_tokens: int = field(default=64, metadata={"range": "[1, inf)", "help": "response length limit of the rollouts"})
+    temperature: float = field(default=1.0, metadata={"range": "(0, inf)", "help": "rollout temperature (logprobs are recomputed at the same T)"})
     advantage: str = field(default="gae", metadata={"help": "gae (PPO, needs the critic) | grpo (group-normalised) | rloo (leave-one-out)"})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    gamma: float = field(default=1.0, metadata={"range": "[0, 1]", "help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"range": "[0, 1]", "help": "GAE lambda"})
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise GAE advantages over the batch"})
-    clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of the policy ratio"})
-    value_clip: float = field(default=0.2, metadata={"help": "clip range of the value function"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    critic_warmup: int = field(default=0, metadata={"help": "gae: first updates that train only the critic (value head), so a cold critic does not give the first tokens wrong credit"})
-    kl_coef: float = field(default=0.05, metadata={"help": "beta: per-token KL penalty in the reward (InstructGPT 0.02); the initial value with kl_target"})
-    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller's target sequence KL (0 = fixed beta)"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller's horizon, in rollouts"})
-    kl_loss_coef: float = field(default=0.0, metadata={"help": "GRPO-style KL term in the loss (k3 estimator) instead of in the reward"})
+    clip: float = field(default=0.2, metadata={"range": "(0, inf)", "help": "PPO clip range epsilon of the policy ratio"})
+    value_clip: float = field(default=0.2, metadata={"range": "[0, inf)", "help": "clip range of the value function"})
+    vf_coef: float = field(default=0.1, metadata={"range": "[0, inf)", "help": "weight of the value loss"})
+    critic_warmup: int = field(default=0, metadata={"range": "[0, inf)", "help": "gae: first updates that train only the critic (value head), so a cold critic does not give the first tokens wrong credit"})
+    kl_coef: float = field(default=0.05, metadata={"range": "[0, inf)", "help": "beta: per-token KL penalty in the reward (InstructGPT 0.02); the initial value with kl_target"})
+    kl_target: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "adaptive KL controller's target sequence KL (0 = fixed beta)"})
+    kl_horizon: int = field(default=10000, metadata={"range": "[1, inf)", "help": "adaptive KL controller's horizon, in rollouts"})
+    kl_loss_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "GRPO-style KL term in the loss (k3 estimator) instead of in the reward"})
     scale_advantages: bool = field(default=True, metadata={"help": "grpo: divide each group's advantages by its reward std (TRL scale_rewards; false = Dr. GRPO, which does not blow up tiny reward differences)"})
     no_end_score: float = field(default=-3.0, metadata={"help": "score given to a response that never ends (reaches max_new_tokens)"})
     penalize_no_end: bool = field(default=True, metadata={"help": "replace the score of a response that never ends by no_end_score"})
-    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx gamma: weight of a pretraining LM loss in each update (InstructGPT 27.8)"})
-    ptx_batch_size: int = field(default=8, metadata={"help": "pretraining sequences per micro-batch for PPO-ptx"})
-    eval_every: int = field(default=0, metadata={"help": "held-out proxy / gold / KL every N updates (0 = only at the end)"})
-    eval_prompts: int = field(default=100, metadata={"help": "held-out prompts of the periodic evaluation (spread over the families)"})
-    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt at T = 1 in the periodic evaluation"})
-    checkpoint_every: int = field(default=10, metadata={"help": "write a resumable checkpoint every N updates"})
-    log_every: int = field(default=1, metadata={"help": "write metrics every N updates"})
-    hack_window: int = field(default=5, metadata={"help": "updates per window of the reward-hacking alarm (proxy up, gold down)"})
-    prompt_seed: int = field(default=7, metadata={"help": "seed of the training prompts (world) and the rollouts"})
+    ptx_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "PPO-ptx gamma: weight of a pretraining LM loss in each update (InstructGPT 27.8)"})
+    ptx_batch_size: int = field(default=8, metadata={"range": "[1, inf)", "help": "pretraining sequences per micro-batch for PPO-ptx"})
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "held-out proxy / gold / KL every N updates (0 = only at the end)"})
+    eval_prompts: int = field(default=100, metadata={"range": "[1, inf)", "help": "held-out prompts of the periodic evaluation (spread over the families)"})
+    eval_samples: int = field(default=2, metadata={"range": "[1, inf)", "help": "samples per held-out prompt at T = 1 in the periodic evaluation"})
+    checkpoint_every: int = field(default=10, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N updates"})
+    log_every: int = field(default=1, metadata={"range": "[1, inf)", "help": "write metrics every N updates"})
+    hack_window: int = field(default=5, metadata={"range": "[1, inf)", "help": "updates per window of the reward-hacking alarm (proxy up, gold down)"})
+    prompt_seed: int = field(default=7, metadata={"range": "[0, inf)", "help": "seed of the training prompts (world) and the rollouts"})
 
 
 @dataclass
 class GRPOConfig(RLConfig):
     """GRPO on a verifiable reward: the RL loop with group advantages, no critic."""
 
-    samples_per_prompt: int = field(default=8, metadata={"help": "G: responses per prompt"})
-    prompts_per_update: int = field(default=16, metadata={"help": "prompts sampled per update per process"})
+    samples_per_prompt: int = field(default=8, metadata={"range": "[1, inf)", "help": "G: responses per prompt"})
+    prompts_per_update: int = field(default=16, metadata={"range": "[1, inf)", "help": "prompts sampled per update per process"})
     advantage: str = field(default="grpo", metadata={"help": "grpo (group-normalised) | rloo (leave-one-out) | gae"})
-    kl_coef: float = field(default=0.0, metadata={"help": "per-token KL penalty in the reward (GRPO puts it in the loss: kl_loss_coef)"})
-    kl_loss_coef: float = field(default=0.0, metadata={"help": "KL to the reference in the loss (k3 estimator; DeepSeekMath 0.04, TRL default 0)"})
-    epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatches: int = field(default=2, metadata={"help": "optimizer steps per epoch"})
+    kl_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "per-token KL penalty in the reward (GRPO puts it in the loss: kl_loss_coef)"})
+    kl_loss_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "KL to the reference in the loss (k3 estimator; DeepSeekMath 0.04, TRL default 0)"})
+    epochs: int = field(default=1, metadata={"range": "[1, inf)", "help": "passes over each rollout batch"})
+    minibatches: int = field(default=2, metadata={"range": "[1, inf)", "help": "optimizer steps per epoch"})
 
 
 @dataclass
@@ -216,40 +218,40 @@ class PRMConfig(TrainConfig):
     """Process and outcome reward models (stages/prm.py): step data sampled from the policy, then the
     training fields of TrainConfig, shared by the PRM and the ORM (same samples, same budget)."""
 
-    prompts: int = field(default=2000, metadata={"help": "training prompts the policy answers (world, or the first N of a --data file)"})
-    samples: int = field(default=4, metadata={"help": "responses sampled per prompt"})
+    prompts: int = field(default=2000, metadata={"range": "[1, inf)", "help": "training prompts the policy answers (world, or the first N of a --data file)"})
+    samples: int = field(default=4, metadata={"range": "[1, inf)", "help": "responses sampled per prompt"})
     families: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={"help": "world families of the training prompts"})
     labels: str = field(default="auto", metadata={"help": "step labels: checker (the world's step checker), mc (Monte-Carlo rollouts, Math-Shepherd) or auto (checker for the world, mc for files with answers)"})
-    mc_rollouts: int = field(default=4, metadata={"help": "mc labels: rollouts from each step prefix"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of responses and rollouts"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
-    gen_batch_size: int = field(default=128, metadata={"help": "prompts per generation batch"})
-    score_batch_size: int = field(default=128, metadata={"help": "sequences per scoring batch (held-out evaluation)"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "fraction of prompts held out (split by a hash of the prompt)"})
-    batch_size: int = field(default=32, metadata={"help": "responses per micro-batch per process"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps (each model)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps"})
-    seed: int = field(default=11, metadata={"help": "seed of the prompts, samples, rollouts and batches"})
+    mc_rollouts: int = field(default=4, metadata={"range": "[1, inf)", "help": "mc labels: rollouts from each step prefix"})
+    temperature: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "sampling temperature of responses and rollouts"})
+    max_new_tokens: int = field(default=96, metadata={"range": "[1, inf)", "help": "response length limit"})
+    gen_batch_size: int = field(default=128, metadata={"range": "[1, inf)", "help": "prompts per generation batch"})
+    score_batch_size: int = field(default=128, metadata={"range": "[1, inf)", "help": "sequences per scoring batch (held-out evaluation)"})
+    eval_fraction: float = field(default=0.1, metadata={"range": "[0, 1)", "help": "fraction of prompts held out (split by a hash of the prompt)"})
+    batch_size: int = field(default=32, metadata={"range": "[1, inf)", "help": "responses per micro-batch per process"})
+    max_steps: int = field(default=300, metadata={"range": "[1, inf)", "help": "optimizer steps (each model)"})
+    lr: float = field(default=3e-4, metadata={"range": "(0, inf)", "help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"range": "[0, inf)", "help": "linear warmup steps"})
+    checkpoint_every: int = field(default=100, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
+    seed: int = field(default=11, metadata={"range": "[0, inf)", "help": "seed of the prompts, samples, rollouts and batches"})
 
 
 @dataclass
 class SearchConfig:
     """Best-of-N selection and PRM-guided step-level search (stages/search.py) on held-out prompts."""
 
-    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"help": "the N values (comma-separated on --set); every N divides the largest"})
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], metadata={"range": "[1, inf)", "help": "the N values (comma-separated on --set); every N divides the largest"})
     families: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={"help": "world eval-set families to measure on (the held-out set, as the eval protocol has it)"})
-    prompts: int = field(default=0, metadata={"help": "use only the first N prompts (0 = all; for smoke tests)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
+    prompts: int = field(default=0, metadata={"range": "[0, inf)", "help": "use only the first N prompts (0 = all; for smoke tests)"})
+    temperature: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "sampling temperature"})
+    max_new_tokens: int = field(default=96, metadata={"range": "[1, inf)", "help": "response length limit"})
     aggregate: str = field(default="min", metadata={"help": "PRM score of a response from its steps': min or product"})
-    expand: int = field(default=4, metadata={"help": "prm_search: children sampled per kept beam per step (N // expand beams are kept)"})
-    step_tokens: int = field(default=16, metadata={"help": "prm_search: token limit of one step (a longer step continues in the next round)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch (each decodes max(n) rows)"})
-    score_batch_size: int = field(default=256, metadata={"help": "sequences per scoring batch"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    expand: int = field(default=4, metadata={"range": "[1, inf)", "help": "prm_search: children sampled per kept beam per step (N // expand beams are kept)"})
+    step_tokens: int = field(default=16, metadata={"range": "[1, inf)", "help": "prm_search: token limit of one step (a longer step continues in the next round)"})
+    batch_size: int = field(default=16, metadata={"range": "[1, inf)", "help": "prompts per generation batch (each decodes max(n) rows)"})
+    score_batch_size: int = field(default=256, metadata={"range": "[1, inf)", "help": "sequences per scoring batch"})
+    seed: int = field(default=0, metadata={"range": "[0, inf)", "help": "sampling seed"})
+    threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
 @dataclass
@@ -257,17 +259,17 @@ class RunConfig:
     """`gptstack run`'s ETA: each stage's expected seconds on 2 CPU cores (the progress line scales
     them by the pace measured on the stages already run)."""
 
-    pretrain: float = field(default=220, metadata={"help": "expected seconds of pretrain"})
-    sft: float = field(default=420, metadata={"help": "expected seconds of sft"})
-    prefs: float = field(default=60, metadata={"help": "expected seconds of prefs"})
-    rm: float = field(default=60, metadata={"help": "expected seconds of rm"})
-    bon: float = field(default=60, metadata={"help": "expected seconds of bon"})
-    ppo: float = field(default=180, metadata={"help": "expected seconds of ppo"})
-    overopt: float = field(default=180, metadata={"help": "expected seconds of overopt"})
-    grpo: float = field(default=180, metadata={"help": "expected seconds of grpo"})
-    dpo: float = field(default=90, metadata={"help": "expected seconds of dpo"})
-    prm: float = field(default=90, metadata={"help": "expected seconds of prm"})
-    search: float = field(default=90, metadata={"help": "expected seconds of search"})
+    pretrain: float = field(default=220, metadata={"range": "[0, inf)", "help": "expected seconds of pretrain"})
+    sft: float = field(default=420, metadata={"range": "[0, inf)", "help": "expected seconds of sft"})
+    prefs: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of prefs"})
+    rm: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of rm"})
+    bon: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of bon"})
+    ppo: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of ppo"})
+    overopt: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of overopt"})
+    grpo: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of grpo"})
+    dpo: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of dpo"})
+    prm: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of prm"})
+    search: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of search"})
 
 
 @dataclass
@@ -305,23 +307,31 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(recipe: str) -> tuple[dict, str]:
-    """A packaged recipe name or a .toml path -> (dict, where it came from)."""
-    path = Path(recipe)
-    if recipe.endswith(".toml") or path.exists():
+    """A packaged recipe name or a .toml path -> (dict, where it came from). A name always means
+    the built-in recipe, even beside a folder of that name (a run directory called `micro`); a
+    file is a path ending in .toml."""
+    if recipe.endswith(".toml"):
+        path = Path(recipe)
         if not path.is_file():
-            raise UserError(f"--recipe {recipe}: file not found")
-        text, origin = path.read_text(encoding="utf-8"), str(path)
+            raise UserError(f"--recipe {recipe}: " + ("is a directory, expected a .toml file" if path.is_dir() else "file not found"))
+        try:
+            text, origin = read_bytes_file(path, "a .toml file").decode("utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not valid UTF-8") from None
     else:
         res = resources.files("gptstack.recipes") / f"{recipe}.toml"
         if not res.is_file():
             close = difflib.get_close_matches(recipe, recipe_names(), n=3)
             raise UserError(f"--recipe {recipe}: no such recipe; built-in recipes: {', '.join(recipe_names())}"
-                            + (f" (did you mean {', '.join(close)}?)" if close else ""))
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + ("; a recipe file's name ends in .toml" if Path(recipe).is_file() else ""))
         text, origin = res.read_text(encoding="utf-8"), f"recipes/{recipe}.toml"
     try:
         return tomllib.loads(text), origin
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{origin}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{origin}: invalid TOML: nested too deeply") from None
 
 
 def _field_types(cls) -> dict[str, typing.Any]:
@@ -377,6 +387,30 @@ def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, typ, where))
 
 
+def _in_range(x: float, spec: str) -> bool:
+    """`spec` is an interval as the field's metadata writes it: "[0, 1)", "(0, inf)", ..."""
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
+
+
+def check_ranges(obj, origin: str, prefix: str = "") -> None:
+    """Every number of `obj` (a config or a section) finite and inside its field's declared "range",
+    else a UserError naming the key, the range and where the value came from."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, origin, f"{key}.")
+            continue
+        spec = f.metadata.get("range")
+        for x in value if isinstance(value, list) else [value]:
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                continue
+            if not math.isfinite(x):
+                raise UserError(f"{origin}: {key}: expected a finite number, got {x}")
+            if spec and not _in_range(x, spec):
+                raise UserError(f"{origin}: {key}: expected a value in {spec}, got {x}")
+
+
 def _parse_set(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise UserError(f"--set {item}: expected key=value, e.g. --set pretrain.lr=3e-3")
@@ -414,6 +448,7 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
                 raise UserError(f"{where}: model.preset: expected one of {', '.join(PRESETS)}, got {name!r}")
             _apply(cfg, {"model": PRESETS[name]}, f"preset {name}")
         _apply(cfg, layer, where)
+        check_ranges(cfg, where)  # each layer checked as it lands, so the message names where a bad value came from
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -449,6 +484,7 @@ def apply_sets(cfg: Config, sets: list[str]) -> Config:
     for item in sets:
         path, value = _parse_set(item)
         _apply(cfg, _nest(path, value), f"--set {item}")
+        check_ranges(cfg, f"--set {item}")
     return cfg
 
 
@@ -456,5 +492,6 @@ def config_from_dict(values: dict) -> Config:
     """A saved config.json back into a Config (the keys were valid when it was written)."""
     cfg = Config()
     _apply(cfg, values, "config.json")
+    check_ranges(cfg, "config.json")
     cfg.model.validate()
     return cfg

@@ -24,17 +24,17 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size (set from the tokenizer)"})
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention (query) heads"})
-    n_kv_head: int = field(default=0, metadata={"help": "key/value heads for GQA; 0 = n_head (plain MHA)"})
-    n_embd: int = field(default=128, metadata={"help": "model width"})
-    intermediate_size: int = field(default=0, metadata={"help": "SwiGLU hidden width; 0 = 8/3 n_embd rounded up to 32"})
-    block_size: int = field(default=256, metadata={"help": "context length trained with (= exported max_position_embeddings)"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
-    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    vocab_size: int = field(default=4096, metadata={"range": "[1, inf)", "help": "vocabulary size (set from the tokenizer)"})
+    n_layer: int = field(default=4, metadata={"range": "[1, inf)", "help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"range": "[1, inf)", "help": "attention (query) heads"})
+    n_kv_head: int = field(default=0, metadata={"range": "[0, inf)", "help": "key/value heads for GQA; 0 = n_head (plain MHA)"})
+    n_embd: int = field(default=128, metadata={"range": "[1, inf)", "help": "model width"})
+    intermediate_size: int = field(default=0, metadata={"range": "[0, inf)", "help": "SwiGLU hidden width; 0 = 8/3 n_embd rounded up to 32"})
+    block_size: int = field(default=256, metadata={"range": "[1, inf)", "help": "context length trained with (= exported max_position_embeddings)"})
+    rope_theta: float = field(default=10000.0, metadata={"range": "(0, inf)", "help": "RoPE base"})
+    norm_eps: float = field(default=1e-5, metadata={"range": "(0, inf)", "help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the input embedding with the output head"})
-    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of weights"})
+    init_std: float = field(default=0.02, metadata={"range": "(0, inf)", "help": "std of the normal init of weights"})
 
     def __post_init__(self):
         self.validate()

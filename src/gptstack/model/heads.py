@@ -264,6 +264,8 @@ def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS
         what = "a language model (no scalar head)" if found is None else f"a {found} model"
         raise UserError(f"{stage_dir}: expected a {' or '.join(kinds)} model, found {what}")
     cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    from ..train.checkpoint import check_tokenizer_identity
+    check_tokenizer_identity(stage_dir, cfg)
     state = load_file(str(weights), device=device)
     start = state.get("response_start_id")
     model = ScalarModel(cfg.model, found, lm_head=meta.get("gptstack_lm_head") == "true",

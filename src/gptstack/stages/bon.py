@@ -39,7 +39,7 @@ from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
 from ..model.heads import load_scalar_model
 from ..tokenizer import ASSISTANT_END
-from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage
+from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage, write_config
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
 from .rm import score_texts
@@ -163,7 +163,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
         "prompt": t.prompt, "family": t.family, "first": texts[i][0], "first_gold": gold[i, 0],
         "first_proxy": proxy[i, 0], f"best_of_{N}": texts[i][best[i]], "best_gold": gold[i, best[i]],
         "best_proxy": proxy[i, best[i]]}) + "\n" for i, t in enumerate(tasks)))
-    atomic_write_json(stage_dir / "config.json", cfg.to_dict())
+    write_config(stage_dir, cfg.to_dict())
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics = MetricsLogger(stage_dir)  # one line per n ("step" = n), for plots against n
     for r in by_n:

@@ -28,7 +28,6 @@ the SFT model included, plus those figures. Writes RUN/dpo.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,11 @@ import torch.nn.functional as F
 
 from ..common import UserError, atomic_write_text
 from ..config import Config
-from ..data.formats import Dataset, read_dataset
+from ..data.formats import Dataset, read_dataset, warn
 from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import load_model, load_stage
+from ..train.checkpoint import adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 from ..world import ranking_to_pairs
@@ -249,11 +248,11 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     # --- data: read and validate everything before any training ---------------------------------
     ds = read_dataset(prefs_file, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
-        print0(f"warning: {ds.describe()}", info=info)
+        warn(ds.describe(), info)
     data, counts = encode_pairs(tok, ds, cfg.model.block_size, tc.pairs)
     if too_long := counts.get("data/skipped/longer_than_context"):
-        print0(f"warning: {too_long} row(s) do not fit the context ({cfg.model.block_size} tokens) even without "
-               "their earlier turns; skipped", info=info)
+        warn(f"{prefs_file}: {too_long} row(s) do not fit the context ({cfg.model.block_size} tokens) even "
+             "without their earlier turns; skipped", info)
     if not len(data.pairs):
         raise UserError(f"{prefs_file}: no preference pair to train on ({ds.describe()})")
     train, heldout = split_heldout(data, tc.heldout_fraction, tc.seed)
@@ -265,9 +264,9 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     def per_token(logps: torch.Tensor, seqs) -> torch.Tensor:  # IPO is defined on mean, not summed, logprobs
         return logps / lengths[seqs].clamp(min=1).to(logps.device) if tc.loss_type == "ipo" else logps
 
+    if info.is_main:
+        adopt_tokenizer(policy_dir.parent / "tokenizer", run_dir)
     state = resume_state(stage_dir, fresh, info)
-    if info.is_main and (run_dir / "tokenizer").resolve() != (policy_dir.parent / "tokenizer").resolve():
-        shutil.copytree(policy_dir.parent / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
 
     # --- the frozen reference's logprobs, once: the weights as loaded are the reference -------------
     model.eval()

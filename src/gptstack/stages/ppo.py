@@ -38,7 +38,7 @@ from ..eval import protocol
 from ..model.heads import ScalarModel, load_scalar_model
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train import rl
-from ..train.checkpoint import check_same_tokenizer, load_stage
+from ..train.checkpoint import adopt_tokenizer, check_same_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -85,16 +85,30 @@ def update_seed(tc: RLConfig, update: int, rank: int) -> int:
 class Prompts:
     """Training prompts, drawn per (update, rank): world tasks by default, or a prompt file's rows."""
 
-    def __init__(self, cfg: Config, tc: RLConfig, data: str | None = None, skip_bad_rows: bool = False):
+    def __init__(self, cfg: Config, tc: RLConfig, data: str | None = None, skip_bad_rows: bool = False,
+                 tok: Tokenizer | None = None, expect: tuple[str, ...] | None = None):
         self.cfg, self.tc, self.items, self.heldout = cfg, tc, None, []
         if data not in (None, "world"):
-            from ..data.formats import read_dataset
-            ds = read_dataset(data, expect=("prompt", "sft", "preference", "ranking", "verifiable"),
+            from ..data.formats import read_dataset, warn
+            ds = read_dataset(data, expect=expect or ("prompt", "sft", "preference", "ranking", "verifiable"),
                               skip_bad_rows=skip_bad_rows)
             answers = [r.get("answer") for r in ds.rows] if ds.kind == "verifiable" else [None] * len(ds.rows)
             items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
-            if not items:
-                raise UserError(f"{data}: no prompts")
+            if tok is not None:
+                # A prompt that leaves no room for max_new_tokens would lose its start in the engine (a
+                # question without its beginning, answer-checked all the same): skipped and counted.
+                room = max(1, cfg.model.block_size + 1 - tc.max_new_tokens)
+                sizes = [len(tok.render_prompt(it.messages)) for it in items]
+                long = [(line, n) for line, n in zip(ds.lines, sizes) if n > room]
+                if long and len(long) == len(items):
+                    raise UserError(f"{data}:{long[0][0]}: prompt: {long[0][1]} tokens rendered; expected at most "
+                                    f"{room} (model.block_size {cfg.model.block_size} + 1 - max_new_tokens "
+                                    f"{tc.max_new_tokens}): no prompt of this file fits")
+                if long:
+                    lines = ", ".join(str(line) for line, _ in long[:10]) + (", ..." if len(long) > 10 else "")
+                    warn(f"{data}: {len(long)} prompt(s) longer than {room} tokens (model.block_size "
+                         f"{cfg.model.block_size} + 1 - max_new_tokens {tc.max_new_tokens}) skipped, lines {lines}")
+                    items = [it for it, n in zip(items, sizes) if n <= room]
             if ds.kind == "verifiable":
                 # the file's last rows (at most 10 %) are held out: the answer accuracy is measured on them
                 n_eval = min(tc.eval_prompts, len(items) // 10)
@@ -434,7 +448,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     if tc.advantage == "gae":  # InstructGPT: the value function starts from the RM (else from the policy)
         critic = load_scalar_model(rm_dir, "reward", device)[0] if rm_dir else ScalarModel.from_policy(policy)
         critic.kind = "value"
-    source = Prompts(cfg, tc, prompts, skip_bad_rows)
+    source = Prompts(cfg, tc, prompts, skip_bad_rows, tok=tok, expect=("verifiable",) if reward == "answer" else None)
     if reward == "gold" and source.items is not None:
         raise UserError(f"{stage}: --reward gold needs world prompts; for a GSM8K-format file use --reward answer")
     if reward == "answer" and (source.items is None or any(it.answer is None for it in source.items)):
@@ -447,9 +461,8 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
         from .pretrain import Corpus
         corpus = Corpus(policy_cfg)
         ptx_tokens = build_corpus(corpus.splits, corpus.fingerprint, tok, policy_dir.parent / "data")["train"].tokens
-    if info.is_main and (run_dir / "tokenizer").resolve() != (policy_dir.parent / "tokenizer").resolve():
-        import shutil
-        shutil.copytree(policy_dir.parent / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
+    if info.is_main:
+        adopt_tokenizer(policy_dir.parent / "tokenizer", run_dir)
 
     state = resume_state(stage_dir, fresh, info)
     model = PolicyAndCritic(policy, critic)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
+from ..train.checkpoint import write_config
 from ..train.dist import print0
 
 STAGE = "prefs"
@@ -163,7 +164,7 @@ def run(cfg: Config, source: str | Path | None, out: str | Path, rankings: str |
         counts["prefs/source"] = str(source)
 
     atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_json(stage_dir / "config.json", cfg.to_dict())
+    write_config(stage_dir, cfg.to_dict())
     summary = {**label_stats(rows), **counts, "wall_seconds": time.perf_counter() - t_start}
     atomic_write_json(stage_dir / "summary.json", summary)
     agree = summary.get("prefs/labeler_gold_agreement")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -51,11 +50,11 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
-from ..data.formats import check_answer, read_dataset
+from ..data.formats import check_answer, read_dataset, warn
 from ..engine import generate
 from ..model.heads import ScalarModel
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import load_checkpoint, load_stage
+from ..train.checkpoint import adopt_tokenizer, load_checkpoint, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -374,7 +373,7 @@ def read_step_rows(path: str | Path, skip_bad_rows: bool = False):
     (GSM8K, prompt + answer) to sample and label by Monte-Carlo rollouts."""
     ds = read_dataset(path, expect=("stepwise", "verifiable"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
-        print0(f"warning: {ds.describe()}")
+        warn(ds.describe())
     return ds
 
 
@@ -427,9 +426,9 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
     if dataset is None and any(f not in world.FAMILIES for f in pc.families):
         raise UserError(f"prm.families: expected a list of {', '.join(world.FAMILIES)}, got {pc.families!r}")
 
+    if info.is_main:
+        adopt_tokenizer(source.parent / "tokenizer", run_dir)
     state = resume_state(stage_dir, fresh, info)
-    if info.is_main and (run_dir / "tokenizer").resolve() != (source.parent / "tokenizer").resolve():
-        shutil.copytree(source.parent / "tokenizer", run_dir / "tokenizer", dirs_exist_ok=True)
 
     # --- step data: sampled and labelled once, kept in steps.jsonl (a resumed run reads it back) ---
     steps_file, counts_file = stage_dir / "steps.jsonl", stage_dir / "data.json"

@@ -54,7 +54,6 @@ import functools
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -65,12 +64,12 @@ import torch.nn.functional as F
 from .. import world
 from ..common import UserError
 from ..config import Config
-from ..data.formats import read_dataset
+from ..data.formats import read_dataset, warn
 from ..eval.protocol import wilson_interval
 from ..model.heads import (ScalarModel, gather_last, latest_start, pad_sequences, response_token_logprobs,
                            scalar_metadata, scalar_weights, score_ids, sequence_scores)
 from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
-from ..train.checkpoint import load_stage
+from ..train.checkpoint import adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -100,7 +99,7 @@ def load_preferences(path: str | Path, skip_bad_rows: bool = False) -> tuple[lis
         path = path / "prefs.jsonl"
     ds = read_dataset(path, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
-        print0(f"warning: {ds.describe()}")
+        warn(ds.describe())
     if ds.kind == "ranking":
         rows = ds.rows
     else:
@@ -361,10 +360,10 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
                    "train/prompts": len(train), "train/pairs": sum(len(x["pairs"]) for x in train),
                    "eval/prompts": len(held)})
     if identical:
-        print0(f"rm: {identical} pair(s) of identical responses skipped (no preference to learn)", info=info)
+        warn(f"{prefs}: {identical} pair(s) of identical responses skipped (no preference to learn)", info)
     if truncated:
-        print0(f"rm: {truncated} sequence(s) longer than the context ({block} tokens) keep their last {block}",
-               info=info)
+        warn(f"{prefs}: {truncated} sequence(s) longer than the context ({block} tokens) keep their last {block}",
+             info)
     if not train or not held:
         raise UserError(f"{prefs}: {len(train)} training and {len(held)} held-out prompts with a comparison; "
                         f"need at least one of each (rm.eval_fraction = {tc.eval_fraction})")
@@ -372,10 +371,9 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     if tc.max_steps <= 0:
         tc.max_steps = max(1, math.ceil(tc.epochs * len(train) / per_step))
 
+    if info.is_main:
+        adopt_tokenizer(source.parent / "tokenizer", run_dir)
     state = resume_state(stage_dir, fresh, info)
-    tok_dir = source.parent / "tokenizer"
-    if info.is_main and (run_dir / "tokenizer").resolve() != tok_dir.resolve():
-        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)
 
     # --- model: the SFT trunk, a zero head (every score starts at 0, the loss at log 2) -------------
     start_id = tok.special(ASSISTANT_START)
@@ -422,6 +420,12 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     if session.stopped_early():
         cleanup(info)
         return {"stopped_at": session.last_step}
+    if session.start_step < tc.max_steps:
+        # the trained, not yet normalised head: a run killed after this point resumes here and
+        # normalises once (finish then writes no second checkpoint)
+        session.checkpoint(tc.max_steps, {"final_loss": loss})
+    else:  # resumed from that checkpoint
+        loss = state["extra"].get("final_loss")
 
     # --- held-out evaluation, the policy's own accuracy, normalisation -----------------------------
     summary: dict = {}
@@ -448,7 +452,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
                    "wall_seconds": time.perf_counter() - t_start}
         if loss is not None:
             summary["train/final_loss"] = loss
-    session.finish(summary, metadata=saved_metadata(rm), weights=saved_weights(rm),
+    session.finish(summary, metadata=saved_metadata(rm), weights=saved_weights(rm), checkpoint=False,
                    **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
     if info.is_main:
         cvw = summary.get("eval/correct_vs_wrong_accuracy")

@@ -54,7 +54,7 @@ from ..engine import generate
 from ..eval.protocol import wilson_interval
 from ..model.heads import load_scalar_model, scalar_kind
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage
+from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage, write_config
 from ..world.gold import _canonical
 from .prm import AGGREGATIONS, aggregate, head_logits, render_response
 
@@ -328,7 +328,7 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
     if fresh and stage_dir.exists():
         import shutil
         shutil.rmtree(stage_dir)
-    atomic_write_json(stage_dir / "config.json", cfg.to_dict())
+    write_config(stage_dir, cfg.to_dict())
 
     # --- sample max(N) responses per prompt, score each with every verifier ---------------------
     S, end = ns[-1], tok.special(ASSISTANT_END)

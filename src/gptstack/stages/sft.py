@@ -15,7 +15,6 @@ fine-tuned model after (`eval/` keys), so the gain of SFT is on the record. Writ
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,11 +24,11 @@ import torch
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
-from ..data.formats import read_dataset
+from ..data.formats import read_dataset, warn
 from ..data.packing import attention_pair_cost, cheapest_packing
 from ..eval import protocol
 from ..tokenizer import Tokenizer
-from ..train.checkpoint import load_stage
+from ..train.checkpoint import adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -44,7 +43,7 @@ def load_conversations(data: str | None, cfg: Config, skip_bad_rows: bool) -> tu
         return [t.messages(text) for t, _, text in demos], {"data/rows": len(demos), "data/usable": len(demos), **styles}
     ds = read_dataset(data, expect=("sft", "preference", "ranking", "verifiable"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
-        print0(f"warning: {ds.describe()}")
+        warn(ds.describe())
     return ds.as_sft(), ds.summary()
 
 
@@ -113,17 +112,17 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
     conversations, counts = load_conversations(data, cfg, skip_bad_rows)
     rendered, too_long = render_all(tok, conversations, cfg.model.block_size)
     if too_long:
-        print0(f"warning: {too_long} conversation(s) longer than the context ({cfg.model.block_size} tokens) "
-               "skipped", info=info)
+        warn(f"{data or 'world'}: {too_long} conversation(s) longer than the context ({cfg.model.block_size} "
+             "tokens) skipped", info)
         counts["data/skipped/longer_than_context"] = too_long
     if not rendered:
         raise UserError(f"{data or 'world'}: no conversation fits the context of {cfg.model.block_size} tokens")
     if not any((r[1] >= 0).any() for r in rendered):
         raise UserError(f"{data}: no assistant tokens to learn from")
 
+    if info.is_main:
+        adopt_tokenizer(tok_dir, run_dir)  # later stages find it in RUN
     state = resume_state(stage_dir, fresh, info)
-    if info.is_main and (run_dir / "tokenizer").resolve() != tok_dir.resolve():
-        shutil.copytree(tok_dir, run_dir / "tokenizer", dirs_exist_ok=True)  # later stages find it in RUN
 
     # --- the base model, few-shot: the figure SFT has to beat ------------------------------------
     base_file = stage_dir / "base_eval.json"

@@ -173,6 +173,16 @@ class Tokenizer:
 
     # --- persistence ------------------------------------------------------------------------
 
+    @property
+    def identity(self) -> str:
+        """sha256 of what decides the ids (ranks, pre-split pattern, special tokens): two tokenizers
+        with equal identities encode every text alike. Stages stamp it into their config.json."""
+        if getattr(self, "_identity", None) is None:
+            from .formats import ranks_sorted
+            ranks = [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks_sorted(self.mergeable_ranks)]
+            self._identity = content_identity(ranks, self.pattern, self.special_tokens)
+        return self._identity
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write gptstack.json (ranks, pattern, specials) and tokenizer.json (HF format)."""
         from .formats import ranks_sorted, to_huggingface
@@ -288,3 +298,22 @@ def _validate_messages(messages: Sequence[dict], final_role: str | None) -> list
     if final_role is not None and turns[-1][0] != final_role:
         raise UserError(f"messages[-1].role: expected {final_role!r} to end a prompt, got {turns[-1][0]!r}")
     return turns
+
+
+def content_identity(ranks: list, pattern: str, special_tokens: dict) -> str:
+    """The identity of a tokenizer as gptstack.json stores it ([b64 token, rank] pairs by rank)."""
+    import hashlib
+
+    blob = json.dumps({"ranks": ranks, "pattern": pattern, "special_tokens": special_tokens}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stored_identity(directory: str | os.PathLike) -> str | None:
+    """The identity of the tokenizer saved in `directory` (without building it), None if there is none."""
+    try:
+        data = json.loads((Path(directory) / "gptstack.json").read_text(encoding="utf-8"))
+        return content_identity(data["ranks"], data["pattern"], data["special_tokens"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{Path(directory) / 'gptstack.json'}: not a gptstack tokenizer ({e})") from None

@@ -22,8 +22,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
-from ..common import UserError, atomic_write_json
-from .checkpoint import load_checkpoint, save_checkpoint, save_model, set_rng_state
+from ..common import TrainingDiverged, UserError, atomic_write_json, remove_stale_temps
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, set_rng_state, write_config
 from .dist import DistInfo, all_reduce_mean, print0, wrap_model
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
@@ -48,6 +48,8 @@ class Session:
     logger: MetricsLogger
     start_step: int = 0
     bad_steps: int = 0
+    skipped_steps: int = 0
+    checkpoint_step: int | None = None   # the step of the checkpoint on disk
     bar: tqdm | None = None
     _t_last: float = field(default_factory=time.perf_counter)
 
@@ -75,9 +77,9 @@ class Session:
         step_model = torch.compile(train_model) if tc.compile else train_model
         logger = MetricsLogger(stage_dir, resume_step=start_step if state is not None else None, enabled=info.is_main)
         if info.is_main:
-            atomic_write_json(stage_dir / "config.json", config)
+            write_config(stage_dir, config)
         session = cls(tc, section, model, train_model, step_model, optimizer, info, Path(stage_dir), config, dtype,
-                      logger, start_step)
+                      logger, start_step, checkpoint_step=start_step if state is not None else None)
         session.bar = tqdm(total=tc.max_steps, initial=start_step, desc=section, unit="step",
                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
         return session
@@ -110,9 +112,11 @@ class Session:
     def optimizer_step(self, micro_loss: Callable[[int], torch.Tensor], step: int) -> tuple[float, float] | None:
         """Accumulate grad_accum micro-batch losses (micro_loss(i) runs the forward), clip, step.
 
-        Returns (mean loss over micro-batches and ranks, grad norm), or None when the loss was not
-        finite: the update is dropped, and after max_bad_steps in a row the run stops (the last
-        checkpoint on disk is the last good state)."""
+        Returns (mean loss over micro-batches and ranks, grad norm), or None when the loss or the
+        gradient norm was not finite: the update is dropped (a finite loss can still give a NaN
+        gradient, and one such step would make every weight NaN), counted in train/skipped_steps,
+        and after max_bad_steps in a row the run stops; the last checkpoint on disk was written
+        from finite weights, so rerunning (with a lower lr) resumes from it."""
         tc, info = self.tc, self.info
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
@@ -126,19 +130,33 @@ class Session:
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
         loss = all_reduce_mean(loss_sum / tc.grad_accum, info)
-        if not math.isfinite(loss):
+        # the norm is computed over the synchronised gradients, so every rank takes the same decision
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip or float("inf"))) \
+            if math.isfinite(loss) else float("nan")
+        if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
+            self.skipped_steps += 1
+            if info.is_main:
+                tqdm.write(f"{self.section}: step {step + 1}: loss {loss:.4g}, grad norm {grad_norm}; update skipped "
+                           f"({self.bad_steps} in a row)")
+            self.logger.log(step + 1, **{"train/skipped_steps": self.skipped_steps})
             if self.bad_steps >= tc.max_bad_steps:
-                raise RuntimeError(f"{self.section}: loss was {loss} for {self.bad_steps} consecutive steps at step "
-                                   f"{step}; stopping (last good checkpoint: {self.stage_dir / 'checkpoint'}); "
-                                   f"lower {self.section}.lr?")
+                raise TrainingDiverged(
+                    f"{self.section}: loss {loss:.4g} / grad norm {grad_norm} not finite for {self.bad_steps} steps in "
+                    f"a row (to step {step + 1}); stopped. {self.last_good()}; rerun with a lower {self.section}.lr "
+                    f"(--set {self.section}.lr=...) to resume from it, or --fresh to start over")
             return None
         self.bad_steps = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, float(grad_norm)
+        return loss, grad_norm
+
+    def last_good(self) -> str:
+        """Where a stopped run resumes from, for the stop message."""
+        if self.checkpoint_step is None:
+            return "No checkpoint was written yet"
+        return f"The last checkpoint, {self.stage_dir / CHECKPOINT} (step {self.checkpoint_step}), holds finite weights"
 
     def run_steps(self, micro_loss: Callable[[int, int], torch.Tensor],
                   evaluate: Callable[[], dict] | None = None) -> float | None:
@@ -180,6 +198,7 @@ class Session:
         model_sd, optim_sd = self.full_state_dicts()
         if self.info.is_main:
             save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config, extra)
+        self.checkpoint_step = step
 
     def stopped_early(self, extra: dict | None = None) -> bool:
         """After the loop: True (with a checkpoint) when stop_at cut the schedule short."""
@@ -194,11 +213,14 @@ class Session:
         return True
 
     def finish(self, summary: dict, metadata: dict | None = None, weights: Callable[[dict], dict] | None = None,
-               extra: dict | None = None, **final_metrics) -> None:
+               extra: dict | None = None, checkpoint: bool = True, **final_metrics) -> None:
         """Final checkpoint, weights, summary.json and the last metrics line. `metadata`: extra
         entries of the weights' header (a scalar head's kind, see model/heads.py). `weights` picks
-        what model.safetensors holds from the full state dict (RL: the policy, not its critic)."""
-        self.checkpoint(self.tc.max_steps, extra)
+        what model.safetensors holds from the full state dict (RL: the policy, not its critic).
+        checkpoint=False: the stage wrote the final checkpoint itself, before changing the weights
+        after training (rm's normalisation), so a resume from it redoes that change once."""
+        if checkpoint:
+            self.checkpoint(self.tc.max_steps, extra)
         model_sd, _ = self.full_state_dicts()
         if self.info.is_main:
             save_model(self.stage_dir, weights(model_sd) if weights else model_sd, self.config, metadata)
@@ -214,6 +236,8 @@ def resume_state(stage_dir: Path, fresh: bool, info: DistInfo) -> dict | None:
 
     if fresh and info.is_main and Path(stage_dir).exists():
         shutil.rmtree(stage_dir)
+    if info.is_main:
+        remove_stale_temps(stage_dir)
     if info.enabled:
         torch.distributed.barrier()
     return load_checkpoint(stage_dir)
