@@ -1,9 +1,12 @@
-"""gptstack serve: the label store (hand-built rankings in, the exact rows, pairs and counts out),
-the API (auth, validation, refusals, streaming equal to the engine's output, gold and RM figures
-equal to direct computation), and a real uvicorn process: 8 concurrent clients x 200 labels give
-exactly 1,600 rows, and kill -9 in mid-stream loses no acknowledged label."""
+"""gptstack serve: the label store (hand-built rankings in, the exact rows, pairs and counts out;
+a write the disk refuses is rolled back and never acknowledged), the API (auth on every route,
+strict Host, body cap, validation, refusals, streaming equal to the engine's output, gold and RM
+figures equal to direct computation), and a real uvicorn process: 8 concurrent clients x 200
+labels give exactly 1,600 rows, and kill -9 in mid-stream loses no acknowledged label."""
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import shutil
@@ -16,6 +19,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from serve_run import SERVE_SETS, XSS, XSS_PROMPT, Server, make_run
+from starlette.routing import Mount
 
 from gptstack import world
 from gptstack.cli import build_parser, main
@@ -24,7 +28,9 @@ from gptstack.config import build_config
 from gptstack.data.formats import read_dataset
 from gptstack.engine import generate
 from gptstack.model.heads import load_scalar_model
-from gptstack.serve.app import STATIC, create_app
+from gptstack.serve import store as store_module
+from gptstack.serve.app import LOOPBACK_HOSTS, STATIC, BodyLimit, create_app
+from gptstack.serve.config import ServeConfig
 from gptstack.serve.store import (Conflict, FeedbackStore, Invalid, Item, NotFound, export_prefs, gold_agreement,
                                   read_feedback)
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
@@ -145,6 +151,15 @@ def test_an_older_store_is_upgraded_and_a_newer_one_refused(tmp_path):
         FeedbackStore(tmp_path / "feedback.sqlite")
 
 
+def test_a_store_that_cannot_be_opened_for_writing_stops_with_one_line(tmp_path, monkeypatch):
+    def refuse(path):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store_module, "_connect", refuse)
+    with pytest.raises(UserError, match="cannot write .*feedback.sqlite .*unable to open database file"):
+        FeedbackStore(tmp_path / "feedback.sqlite")
+
+
 def test_read_feedback_names_a_missing_or_foreign_file(tmp_path):
     with pytest.raises(UserError, match="no feedback database"):
         read_feedback(tmp_path / "nope.sqlite")
@@ -202,6 +217,89 @@ def test_token_guards_every_api_route_but_health(run_dir, cfg):
     ok = {"Authorization": "Bearer s3cret"}
     assert c.get("/api/info", headers=ok).status_code == 200
     assert c.get("/api/label/stats?annotator=x", headers=ok).status_code == 200
+
+
+def test_every_route_needs_the_token_but_the_page_and_health(run_dir, cfg):
+    app = create_app(run_dir, cfg, token="s3cret")
+    c = TestClient(app, base_url="http://127.0.0.1")
+    public = {"/", "/static", "/api/health"}  # the page asks for the token; it holds no data
+    assert public <= {route.path for route in app.routes}
+    for route in app.routes:
+        path = route.path + "/app.js" if isinstance(route, Mount) else route.path
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            r = c.request(method, path)
+            if route.path in public:
+                assert r.status_code == 200, (method, path)
+            else:
+                assert r.status_code == 401 and "token" in r.json()["detail"], (method, path)
+    # the schema and docs FastAPI serves by default: off, and behind the token like any path
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect", "/static", "/nonexistent"):
+        assert c.get(path).status_code == 401, path
+        assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 404, path
+
+
+def test_host_header_must_be_exactly_a_served_name(run_dir, cfg):
+    c = TestClient(create_app(run_dir, cfg, allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1")
+    for host in ("localhost", "localhost:8000", "LocalHost:8080", "127.0.0.1", "127.0.0.1:8000", "[::1]",
+                 "[::1]:8000"):
+        assert c.get("/api/health", headers={"Host": host}).status_code == 200, host
+    for host in ("localhost.evil.com", "localhost.evil.com:8000", "127.0.0.1.nip.io", "evil.example:8000",
+                 "localhost:abc", "localhost:", "localhost:0", "localhost:99999", "localhost:8000:1",
+                 "evil.com#localhost", "a@localhost", "localhost@evil.com", "localhost/x", "[::1]x", "[::1",
+                 "::1", ""):
+        r = c.get("/api/health", headers={"Host": host})
+        assert r.status_code in (400, 421) and "host" in r.json()["detail"].lower(), host
+    # two Host headers: which one a proxy would route by is anyone's guess
+    r = c.get("/api/health", headers=[("Host", "evil.example"), ("Host", "localhost")])
+    assert r.status_code == 400
+
+
+def test_bodies_over_the_cap_get_413_before_they_are_parsed(run_dir, monkeypatch):
+    import gptstack.serve.app as app_module
+
+    assert ServeConfig().max_body_bytes == 256 * 1024
+    cfg = build_config("tiny", None, [*SERVE_SETS, "serve.max_body_bytes=1000"])
+    c = TestClient(create_app(run_dir, cfg), base_url="http://127.0.0.1")
+    monkeypatch.setattr(app_module, "fit_chat", lambda *a: pytest.fail("a refused body reached the endpoint"))
+    chat = json.dumps({"stage": "sft", "messages": [{"role": "user", "content": "7 " * 1000}]}).encode()
+    for body in (chat, iter([chat[:600], chat[600:]]), b"{" * 2000):  # with Content-Length, chunked, not JSON
+        r = c.post("/api/chat", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["detail"].startswith("request body over the limit of 1000 bytes")
+        assert "serve.max_body_bytes" in r.json()["detail"]
+    small = json.dumps({"annotator": "x"}).encode()
+    for body in (small, iter([small[:5], small[5:]])):
+        r = c.post("/api/label/undo", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["undone"] is None
+    with pytest.raises(UserError, match="serve.max_body_bytes: expected at least 1"):
+        create_app(run_dir, build_config("tiny", None, [*SERVE_SETS, "serve.max_body_bytes=0"]))
+
+
+def test_body_cap_counts_the_chunks_of_a_body_without_a_length():
+    async def echo(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message["body"], message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    def post(chunks: list[bytes]) -> tuple[int, bytes]:
+        incoming = [{"type": "http.request", "body": b, "more_body": i < len(chunks) - 1} for i, b in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return incoming.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"transfer-encoding", b"chunked")]}
+        asyncio.run(BodyLimit(echo, limit=10)(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    assert post([b"abc", b"defg", b"hij"]) == (200, b"abcdefghij")  # at the limit: handed on whole
+    status, body = post([b"abc", b"defg", b"hijk", b"never read"])
+    assert status == 413 and b"limit of 10 bytes" in body
 
 
 def test_defaults_are_safe(client):
@@ -264,6 +362,71 @@ def test_label_api_refuses_rankings_that_do_not_match_what_was_shown(client, run
             "responses": item["responses"]}
     assert client.post("/api/label", json=good).status_code == 200
     assert client.post("/api/label", json=good).status_code == 409  # a double submit counts once
+
+
+class _FailingWrites:
+    """A store connection whose INSERTs fail with `error` (SQLite itself writes from C, out of a
+    monkeypatch's reach: this stands in for the write that would fail)."""
+
+    def __init__(self, db, error: OSError):
+        self.db, self.error = db, error
+
+    def execute(self, sql, *args):
+        if sql.startswith("INSERT"):
+            raise self.error
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("refusal,status", [
+    ("PRAGMA max_page_count = {pages}", 507),  # the file may not grow: SQLITE_FULL, what ENOSPC gives SQLite
+    ("PRAGMA query_only = ON", 503),           # SQLITE_READONLY, as from a read-only file
+    (OSError(errno.ENOSPC, "No space left on device"), 507),
+    (OSError(errno.EROFS, "Read-only file system"), 503),
+    (OSError(errno.EACCES, "Permission denied"), 503),
+])
+def test_a_label_the_disk_refuses_is_not_acknowledged(run_dir, cfg, tmp_path, monkeypatch, refusal, status):
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("feedback.sqlite*", "*.log"))
+    app = create_app(run, cfg)
+    c = TestClient(app, base_url="http://127.0.0.1")
+    store = app.state.run.store
+    # long responses: a label copies its item, so storing one needs new pages
+    a, b = store.add_items("ana", [Item(PROMPT, [f"{j} " + "x" * 20_000 for j in range(3)], [True] * 3, None, i)
+                                   for i in range(2)], model="sft", source="world")
+    assert c.post("/api/label", json={"item_id": a.id, "annotator": "ana", "ranking": [0, 1, 2]}).status_code == 200
+    healthy = store._db
+
+    def refusing():
+        db = healthy()
+        if isinstance(refusal, OSError):
+            return _FailingWrites(db, refusal)
+        db.execute(refusal.format(pages=db.execute("PRAGMA page_count").fetchone()[0]))
+        return db
+
+    monkeypatch.setattr(store, "_db", refusing)
+    r = c.post("/api/label", json={"item_id": b.id, "annotator": "ana", "ranking": [2, 1, 0]})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert "nothing of this request was stored" in detail and "feedback.sqlite" in detail
+    assert ("is full" in detail) if status == 507 else ("cannot write" in detail)
+    # not acknowledged and not stored: the earlier label stands, the item still waits, the file is whole
+    assert c.get("/api/label/stats", params={"annotator": "ana"}).json()["labeled"] == 1
+    assert c.post("/api/label/next", json={"annotator": "ana"}).json()["item_id"] == b.id
+    db = sqlite3.connect(run / "feedback.sqlite")
+    assert db.execute("SELECT item_id FROM labels").fetchall() == [(a.id,)]
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def freed():  # space freed, file writable again: the same label goes through
+        db = healthy()
+        db.execute("PRAGMA max_page_count = 1073741823")
+        db.execute("PRAGMA query_only = OFF")
+        return db
+
+    monkeypatch.setattr(store, "_db", freed)
+    r = c.post("/api/label", json={"item_id": b.id, "annotator": "ana", "ranking": [2, 1, 0]})
+    assert r.status_code == 200 and r.json()["stats"]["labeled"] == 2
 
 
 def test_label_items_are_distinct_samples_with_their_gold(client, run_dir, cfg):
@@ -360,6 +523,35 @@ def test_chat_errors_are_http_errors_before_the_stream(client):
     assert r.status_code == 422 and "too long" in r.json()["detail"]
 
 
+def test_a_long_chat_keeps_its_system_message_or_says_what_is_too_long(client, run_dir):
+    model, _ = load_model(run_dir / "sft")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    system = {"role": "system", "content": "Answer with one number."}
+    pairs = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i} " * 12}]
+             for i in range(6)]
+    messages = [system, *(m for pair in pairs for m in pair), {"role": "user", "content": "And 3 + 4?"}]
+    assert len(tok.render_prompt(messages)) + 8 > model.config.block_size  # too long as a whole
+    r = client.post("/api/chat", json={"stage": "sft", "messages": messages, "max_new_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    kind, done = _events(r.text)[-1]
+    dropped = done["dropped_messages"]
+    assert kind == "done" and dropped > 0 and dropped % 2 == 0
+    # the oldest pairs went, the system message stayed, and no more was dropped than needed
+    history = [system, *messages[1 + dropped:]]
+    assert len(tok.render_prompt(history)) + 8 <= model.config.block_size
+    assert len(tok.render_prompt([system, *messages[1 + dropped - 2:]])) + 8 > model.config.block_size
+    end = tok.special(ASSISTANT_END)
+    (c,), = generate(model, [tok.render_prompt(history)], 8, temperature=0, stop_ids=[end])
+    assert done["text"] == tok.decode([t for t in c.tokens if t != end])
+    # the system message and the last message alone do not fit: 422 saying which, how long, what to do
+    r = client.post("/api/chat", json={"stage": "sft", "messages": [system, *pairs[0],
+                                                                     {"role": "user", "content": "7 " * 400}]})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "too long for stage 'sft'" in detail
+    assert "the system message and the last user message take" in detail and "context is 128 tokens" in detail
+    assert "shorten them" in detail
+
+
 def test_compare_reports_gold_and_rm_score_as_computed_directly(client, run_dir):
     prompt = "What is 2 + 3?"
     data = client.post("/api/compare", json={"prompt": prompt, "stages": ["sft", "ppo"], "max_new_tokens": 30}).json()
@@ -400,6 +592,27 @@ def test_serve_command_refuses_a_run_without_models(tmp_path, capsys):
 
 
 # --- a real server -------------------------------------------------------------------------------
+
+
+def test_a_real_server_refuses_big_bodies_and_bad_hosts(run_dir, tmp_path):
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("feedback.sqlite*", "*.log"))
+    server = Server(run, sets=[*SERVE_SETS, "serve.max_body_bytes=4096"])
+    big = json.dumps({"stage": "sft", "messages": [{"role": "user", "content": "7 " * 100_000}]}).encode()
+    json_type = {"Content-Type": "application/json"}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            r = http.post("/api/chat", content=big, headers=json_type)
+            assert r.status_code == 413 and "4096 bytes" in r.json()["detail"]
+            chunks = (big[i:i + 1000] for i in range(0, len(big), 1000))  # chunked: no Content-Length
+            r = http.post("/api/chat", content=chunks, headers=json_type)
+            assert r.status_code == 413 and "4096 bytes" in r.json()["detail"]
+            r = http.post("/api/label/undo", content=iter([b'{"annotator":', b' "x"}']), headers=json_type)
+            assert r.status_code == 200 and r.json()["undone"] is None
+            assert http.get("/api/health", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+            for host in (f"localhost:{server.port}x", f"localhost.evil.com:{server.port}", "a@localhost"):
+                assert http.get("/api/health", headers={"Host": host}).status_code in (400, 421), host
+    finally:
+        server.stop()
 
 
 def test_concurrent_clients_lose_and_duplicate_no_label(run_dir, tmp_path):

@@ -14,12 +14,17 @@ One static page (static/index.html + app.js + app.css; no build step) with three
   Label    K sampled responses to a prompt of the prompt set; rank them (keys 1..K, or click),
            or mark all bad / skip; progress, undo, and the annotator's agreement with gold
 
-API (JSON bodies, validated by pydantic: a bad one gets 422 naming the field):
+API (JSON bodies, validated by pydantic: a bad one gets 422 naming the field; a body over
+serve.max_body_bytes gets 413 before it is read; a label the disk cannot take gets 507 (full) or
+503 (read-only) and is not stored; there is no /docs or /openapi.json, this list is the schema):
   GET  /api/health                     200 {"ok": true}, never needs the token
   GET  /api/info                       stages (language models and scalar heads), settings
   POST /api/chat                       {stage, messages, temperature, top_k, top_p, max_new_tokens, seed}
                                        -> text/event-stream: "token" events {"text"}, then "done"
-                                       {"text", "finished"} (or "error" {"detail"})
+                                       {"text", "finished"} (or "error" {"detail"}); the oldest turns
+                                       that do not fit the context are dropped (the system message
+                                       never), and 422 says which message is too long when even the
+                                       last one does not fit
   POST /api/compare                    {prompt, stages: [a, b], sampling} -> per stage text, gold, rm
   GET  /api/world/prompt               a held-out world prompt to compare on
   POST /api/label/next                 {annotator}: their next item, prompt + responses (sampled when
@@ -29,10 +34,12 @@ API (JSON bodies, validated by pydantic: a bad one gets 422 naming the field):
   POST /api/label/undo                 {annotator}: the last label is undone, its item comes back
   GET  /api/label/stats?annotator=A    progress and agreement with gold
 
-Safe defaults: binds 127.0.0.1; with a loopback bind only Host headers naming the loopback are
-served (a DNS-rebinding page cannot reach the API); whatever changes state is a POST with a JSON
-body, which a cross-site page cannot send without a CORS preflight (never granted); with --token
-every /api/* request but /api/health needs `Authorization: Bearer TOKEN` (401 otherwise); every
+Safe defaults: binds 127.0.0.1; with a loopback bind only a Host header that is exactly a loopback
+name with an optional port is served (a DNS-rebinding page cannot reach the API); whatever changes
+state is a POST with a JSON body, which a cross-site page cannot send without a CORS preflight
+(never granted); with --token every request needs `Authorization: Bearer TOKEN` (401 otherwise)
+but the page, its static files and /api/health (a browser cannot send a header when it opens a
+page: the page holds no data and asks for the token); every
 response carries a Content-Security-Policy without inline script, and the page writes model text
 only through textContent, so `<script>` in a response is shown, never run.
 
@@ -42,8 +49,10 @@ store is SQLite in WAL mode (store.py), safe for any number of concurrent reques
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import random
+import re
 import secrets
 import threading
 import time
@@ -59,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints,
 
 from .. import world
 from ..common import UserError
-from .store import FILENAME, Conflict, FeedbackStore, Invalid, Item, NotFound
+from .store import FILENAME, Conflict, DiskFull, FeedbackStore, Invalid, Item, NotFound, Unwritable
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -141,7 +150,7 @@ class Run:
         if not any(kind == "lm" for kind in self.stages.values()):
             raise UserError(f"{self.dir}: no language model in this run (expected RUN/<stage>/model.safetensors)")
         s = cfg.serve
-        for key in ("k", "num_prompts", "batch", "max_new_tokens"):
+        for key in ("k", "num_prompts", "batch", "max_new_tokens", "max_body_bytes"):
             if getattr(s, key) < (2 if key == "k" else 1):
                 raise UserError(f"serve.{key}: expected at least {2 if key == 'k' else 1}, got {getattr(s, key)}")
         if not 0 < s.top_p <= 1 or s.temperature < 0 or s.top_k < 0:
@@ -266,11 +275,90 @@ class Run:
                 "rm": self.stages.get("rm") == "reward"}
 
 
-def _host_name(header: str) -> str:
-    """The host of a Host header, without the port ("[::1]:8000" -> "[::1]")."""
-    if header.startswith("["):
-        return header[: header.find("]") + 1]
-    return header.split(":", 1)[0]
+# host[:port], nothing else: no userinfo, path, fragment or empty port, so no prefix of a hostile
+# name ("localhost.evil.com", "localhost@evil.com", "[::1]x") can pass for the loopback
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?")
+
+
+def _host_name(header: str) -> str | None:
+    """The host of a Host header, lower-cased and without the port ("[::1]:8000" -> "[::1]");
+    None when the header is not exactly host[:port]. Any port passes: what DNS rebinding changes
+    is the name, and a port forward (ssh -L 9000:localhost:8000) changes the port."""
+    m = _HOST.fullmatch(header)
+    if m is None or (m[2] is not None and not 0 < int(m[2]) < 65536):
+        return None
+    return m[1].lower()
+
+
+def _public(path: str) -> bool:
+    """Served without the token: the page and its static files (a browser cannot send a header
+    when it opens a page; they hold no data) and the health check. Everything else, unknown
+    paths included, needs it."""
+    return path in ("/", "/api/health") or path.startswith("/static/")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it, by
+    its Content-Length when it has one, else (chunked) by counting the bytes as they arrive.
+    The body read is handed on unchanged."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away; the app hears it
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send):
+        response = JSONResponse({"detail": f"request body over the limit of {self.limit} bytes "
+                                           "(serve.max_body_bytes): send less, or raise the limit"},
+                                status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def fit_chat(tok, messages: list[dict], max_new_tokens: int, block_size: int, stage: str) -> list[dict]:
+    """The conversation to prompt with: the system message (if any) and the latest turns that
+    fit the context with room for the reply (the oldest user/assistant pairs are dropped).
+    Invalid, naming the sizes, when the system message and the last user turn alone do not fit."""
+    if len(tok.render_prompt(messages)) + max_new_tokens <= block_size:  # also checks the roles
+        return messages
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(head):]  # user, assistant, ..., user
+
+    def fits(pairs_dropped: int) -> bool:
+        return len(tok.render_prompt(head + turns[2 * pairs_dropped:])) + max_new_tokens <= block_size
+
+    # the fewest pairs to drop, searched (dropping a pair never lengthens the prompt): a long chat
+    # is rendered a few times, not once per pair
+    pairs = len(turns) // 2
+    dropped = bisect.bisect_left(range(pairs + 1), True, key=fits)
+    history = head + turns[2 * min(dropped, pairs):]
+    n = len(tok.render_prompt(history))
+    if n >= block_size:
+        what = "the system message and the last user message take" if head else "the last user message takes"
+        raise Invalid(f"message too long for stage {stage!r}: {what} {n} tokens, and the model's context is "
+                      f"{block_size} tokens for prompt and reply together (earlier turns are dropped to fit, "
+                      f"{'these two' if head else 'the last message'} never): shorten {'them' if head else 'it'}")
+    return history
 
 
 def _world_task(text: str):
@@ -285,21 +373,29 @@ def _world_task(text: str):
 
 def create_app(run_dir: str | Path, cfg, token: str | None = None,
                allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
-    """The ASGI app for a run. `token`: required on every /api/* request but /api/health.
-    `allowed_hosts`: Host header names served (None = any); `serve()` passes the loopback names
-    for a loopback bind."""
+    """The ASGI app for a run. `token`: required on every request but the page, its static files
+    and /api/health. `allowed_hosts`: Host header names served (None = any); `serve()` passes the
+    loopback names for a loopback bind."""
     run = Run(run_dir, cfg)
-    app = FastAPI(title="gptstack serve", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="gptstack serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.run = run
+    # added before the guard, so it runs inside it: a request the guard refuses is never read
+    app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
+    allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = _host_name(request.headers.get("host", ""))
-        if allowed_hosts is not None and host not in allowed_hosts:
-            return JSONResponse({"detail": f"host {host!r} not served (this server answers to "
-                                           f"{', '.join(allowed_hosts)})"}, status_code=421)
-        path = request.url.path
-        if token is not None and path.startswith("/api/") and path != "/api/health":
+        if allowed is not None:
+            given = request.headers.getlist("host")
+            host = _host_name(given[0]) if len(given) == 1 else None
+            if host is None:
+                return JSONResponse({"detail": f"malformed Host header {given!r}: expected host[:port]"},
+                                    status_code=400)
+            if host not in allowed:
+                return JSONResponse({"detail": f"host {host!r} not served (this server answers to "
+                                               f"{', '.join(allowed_hosts)})"}, status_code=421)
+        path = request.scope["path"]
+        if token is not None and not _public(path):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse({"detail": "missing or wrong token: send `Authorization: Bearer TOKEN` "
@@ -321,7 +417,8 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
         return JSONResponse({"detail": [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors],
                              "error": summary}, status_code=422)
 
-    for exc_type, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422), (UserError, 422)):
+    for exc_type, status in ((NotFound, 404), (Conflict, 409), (Invalid, 422), (UserError, 422),
+                             (DiskFull, 507), (Unwritable, 503)):
         app.add_exception_handler(exc_type, _error_handler(status))
 
     # --- page ------------------------------------------------------------------------------------
@@ -344,13 +441,13 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
 
     @app.post("/api/chat")
     async def chat(req: ChatRequest):
-        from ..engine.chat import fit_history, stream_reply
+        from ..engine.chat import stream_reply
 
         messages = [m.model_dump() for m in req.messages]
 
         def prepare():
             model = run.language_model(req.stage)
-            return model, fit_history(run.tokenizer, messages, req.max_new_tokens, model.config.block_size)
+            return model, fit_chat(run.tokenizer, messages, req.max_new_tokens, model.config.block_size, req.stage)
 
         model, history = await run_in_threadpool(prepare)
         loop = asyncio.get_running_loop()
@@ -393,7 +490,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
 
     @app.post("/api/compare")
     def compare(req: CompareRequest):
-        from ..engine.chat import fit_history, stream_reply
+        from ..engine.chat import stream_reply
 
         history = [{"role": "user", "content": req.prompt.strip()}]
         task = _world_task(req.prompt)
@@ -401,7 +498,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
         with run.lock:
             for stage in req.stages:
                 model = run.language_model(stage)
-                fitted = fit_history(run.tokenizer, history, req.max_new_tokens, model.config.block_size)
+                fitted = fit_chat(run.tokenizer, history, req.max_new_tokens, model.config.block_size, stage)
                 reply, finished = stream_reply(model, run.tokenizer, fitted, max_new_tokens=req.max_new_tokens,
                                                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                                seed=req.seed)

@@ -18,3 +18,6 @@ class ServeConfig:
     batch: int = field(default=8, metadata={"help": "prompts sampled together when an annotator needs more"})
     seed: int = field(default=0, metadata={"help": "seed of the world prompt set and of the sampled responses"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = all cores)"})
+    max_body_bytes: int = field(default=256 * 1024, metadata={
+        "help": "largest request body served, in bytes: a bigger one gets 413 before it is read (a chat "
+                "longer than any model's context only costs time)"})

@@ -16,10 +16,13 @@ index allows one active label per item, so a double submit can never count twice
 
 Durability: WAL journal with synchronous=FULL, one `BEGIN IMMEDIATE` transaction per label: a
 label the server acknowledged is on disk, and a killed server (even kill -9 mid-write) leaves the
-database with every committed label and nothing half-written (SQLite rolls back the rest).
+database with every committed label and nothing half-written (SQLite rolls back the rest). A write
+the disk refuses (full, read-only, I/O error) is rolled back the same way and raised as DiskFull or
+Unwritable, so the server answers 507 / 503 instead of acknowledging it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -79,6 +82,14 @@ class Invalid(ValueError):
     """A label that does not fit its item, e.g. a ranking of other responses than those shown (HTTP 422)."""
 
 
+class Unwritable(RuntimeError):
+    """The disk refused a write (read-only, no permission, I/O error); nothing of it was kept (HTTP 503)."""
+
+
+class DiskFull(Unwritable):
+    """No space left for a write; nothing of it was kept (HTTP 507)."""
+
+
 @dataclass
 class Item:
     prompt: list[dict]
@@ -127,17 +138,23 @@ class FeedbackStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        _create_or_upgrade(self._db(), self.path)
+        try:
+            _create_or_upgrade(self._db(), self.path)
+        except Unwritable as e:  # at startup: a one-line error, not a traceback
+            raise UserError(str(e)) from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = _connect(self.path)
+            try:
+                db = _connect(self.path)
+            except (sqlite3.Error, OSError) as e:
+                raise _refused(e, self.path) or e
             self._local.db = db
         return db
 
     def _write(self):
-        return _Transaction(self._db())
+        return _Transaction(self._db(), self.path)
 
     # --- items: what is shown ------------------------------------------------------------------
 
@@ -240,24 +257,65 @@ class FeedbackStore:
 
 
 class _Transaction:
-    """`with _Transaction(db) as db:` BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
-    IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a read."""
+    """`with _Transaction(db, path) as db:` BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception;
+    a write the disk refused comes out as DiskFull / Unwritable. IMMEDIATE takes the write lock up
+    front, so two writers never deadlock upgrading a read."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    def __init__(self, db: sqlite3.Connection, path: Path):
+        self.db, self.path = db, path
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise _refused(e, self.path) or e
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as e:
+                exc = e
+        try:
+            if self.db.in_transaction:  # SQLite rolls back by itself after some errors (a full disk)
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the error that got us here is the one to report
+        refused = _refused(exc, self.path)
+        if refused is not None:
+            raise refused from exc
+        if exc_type is None:
+            raise exc  # a COMMIT that failed for another reason
+
+
+def _refused(e: BaseException, path: Path) -> Unwritable | None:
+    """DiskFull / Unwritable when `e` means the disk refused a write, else None. SQLite writes in
+    C, so a full disk (ENOSPC) reaches Python as SQLITE_FULL, not as an OSError."""
+    if isinstance(e, sqlite3.Error):
+        name, text = getattr(e, "sqlite_errorname", ""), str(e)  # the name from Python 3.11 on
+        full = name == "SQLITE_FULL" or "disk is full" in text
+        refused = name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR")) or \
+            any(m in text for m in ("readonly database", "disk I/O error", "unable to open database"))
+    elif isinstance(e, OSError):
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        refused = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+    else:
+        return None
+    if full:
+        return DiskFull(f"the disk holding {path} is full: nothing of this request was stored; "
+                        "free some space, then send it again")
+    if refused:
+        return Unwritable(f"cannot write {path} ({e}): nothing of this request was stored; check that the "
+                          "run directory is writable and its disk is healthy, then send it again")
+    return None
 
 
 def _create_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
     """Create the tables, or bring an older file up to SCHEMA_VERSION, in one transaction (two
     servers starting on the same file cannot half-create it)."""
-    with _Transaction(db):
+    with _Transaction(db, path):
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise UserError(f"{path}: feedback schema version {version} comes from a newer gptstack "
