@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -633,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (the default is this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port")
     srv.add_argument("--token", default=None, metavar="T",
-                     help="require `Authorization: Bearer T` on every /api request but /api/health "
+                     help="require `Authorization: Bearer T` on every request but the page, its static files and "
+                          "/api/health "
                           "(or set GPTSTACK_SERVE_TOKEN, which `ps` does not show)")
     srv.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the serve and world sections")
     srv.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -680,16 +682,20 @@ _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 
 def check_writable(out: str) -> None:
-    """Refuse an output path that cannot be written, before any work (nothing is created here):
-    the nearest existing folder on its path must be a writable directory."""
+    """Refuse an output path that cannot be written, before any work: the nearest existing folder
+    on its path must take a new file (tried with a temporary one, removed at once)."""
     path = Path(out).absolute()
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if probe != path and not probe.is_dir():
+    if probe == path and not path.is_dir():  # an output file that exists: its folder must take the new one
+        probe = path.parent
+    if not probe.is_dir():
         raise UserError(f"{out}: cannot be created: {probe} is a file, not a directory")
-    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: cannot write under {probe} (read-only or permission denied)")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise UserError(f"{out}: cannot write under {probe} ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -423,9 +423,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     if session.start_step < tc.max_steps:
         # the trained, not yet normalised head: a run killed after this point resumes here and
         # normalises once (finish then writes no second checkpoint)
-        session.checkpoint(tc.max_steps, {"final_loss": loss})
-    else:  # resumed from that checkpoint
-        loss = state["extra"].get("final_loss")
+        session.checkpoint(tc.max_steps)
 
     # --- held-out evaluation, the policy's own accuracy, normalisation -----------------------------
     summary: dict = {}

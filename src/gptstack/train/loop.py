@@ -50,6 +50,7 @@ class Session:
     bad_steps: int = 0
     skipped_steps: int = 0
     checkpoint_step: int | None = None   # the step of the checkpoint on disk
+    last_loss: float | None = None       # the last finite step's loss (kept in checkpoints for the summary)
     bar: tqdm | None = None
     _t_last: float = field(default_factory=time.perf_counter)
 
@@ -79,7 +80,8 @@ class Session:
         if info.is_main:
             write_config(stage_dir, config)
         session = cls(tc, section, model, train_model, step_model, optimizer, info, Path(stage_dir), config, dtype,
-                      logger, start_step, checkpoint_step=start_step if state is not None else None)
+                      logger, start_step, checkpoint_step=start_step if state is not None else None,
+                      last_loss=(state or {}).get("extra", {}).get("train/last_loss"))
         session.bar = tqdm(total=tc.max_steps, initial=start_step, desc=section, unit="step",
                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
         return session
@@ -142,6 +144,7 @@ class Session:
                            f"({self.bad_steps} in a row)")
             self.logger.log(step + 1, **{"train/skipped_steps": self.skipped_steps})
             if self.bad_steps >= tc.max_bad_steps:
+                self.bar.close()
                 raise TrainingDiverged(
                     f"{self.section}: loss {loss:.4g} / grad norm {grad_norm} not finite for {self.bad_steps} steps in "
                     f"a row (to step {step + 1}); stopped. {self.last_good()}; rerun with a lower {self.section}.lr "
@@ -163,13 +166,14 @@ class Session:
         """The plain training loop most stages share: micro_loss(step, micro) per micro-batch;
         train/loss, train/lr and train/grad_norm every log_every steps; `evaluate()` (rank 0, its
         dict logged) every eval_every steps; a checkpoint every checkpoint_every steps.
-        -> the last step's loss (None when a finished run is resumed: no step left to take)."""
-        tc, loss = self.tc, None
+        -> the last step's loss (restored from the checkpoint when a finished run is resumed)."""
+        tc = self.tc
         for step in self.steps():
             result = self.step(step, lambda micro, step=step: micro_loss(step, micro))
             if result is None:
                 continue
             lr, loss, grad_norm = result
+            self.last_loss = loss
             done = step + 1
             if done % tc.log_every == 0 or done == tc.max_steps:
                 self.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
@@ -178,7 +182,7 @@ class Session:
                 self.model.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
                 self.checkpoint(done)
-        return loss
+        return self.last_loss
 
     def seconds_since_last_log(self) -> float:
         now = time.perf_counter()
@@ -197,7 +201,8 @@ class Session:
         """`extra`: the stage's own resumable state (e.g. RL's adaptive beta), back in state["extra"]."""
         model_sd, optim_sd = self.full_state_dicts()
         if self.info.is_main:
-            save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config, extra)
+            save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config,
+                            {**(extra or {}), "train/last_loss": self.last_loss})
         self.checkpoint_step = step
 
     def stopped_early(self, extra: dict | None = None) -> bool:

@@ -55,14 +55,14 @@ class WorldConfig:
         "help": f"task families to draw from (of {', '.join(FAMILIES)})"})
     difficulty_mix: list[float] = field(default_factory=lambda: [0.35, 0.3, 0.2, 0.15], metadata={
         "help": "training weights of difficulty levels 1-4 (the eval set is uniform over levels)"})
-    eval_per_family: int = field(default=100, metadata={
+    eval_per_family: int = field(default=100, metadata={"range": "[1, inf)",
         "help": "held-out eval prompts per family (contract: >= 100 per family, >= 500 in all)"})
-    eval_seed: int = field(default=1234, metadata={"help": "seed of the fixed held-out eval set"})
+    eval_seed: int = field(default=1234, metadata={"range": "[0, inf)", "help": "seed of the fixed held-out eval set"})
     style_mix: list[float] = field(default_factory=lambda: [0.3, 0.2, 0.15, 0.15, 0.2], metadata={
         "help": "demonstration weights of the response styles terse, standard, explained, checked, chatty (world/styles.py)"})
-    padding_max: int = field(default=3, metadata={
+    padding_max: int = field(default=3, metadata={"range": "[0, inf)",
         "help": "most padding sentences a long-style demonstration (explained, chatty) carries; P(k) halves per extra one"})
-    labeler_tau: float = field(default=0.35, metadata={
+    labeler_tau: float = field(default=0.35, metadata={"range": "[0, inf)",
         "help": "labeler noise: P(a > b) = sigmoid((u(a) - u(b)) / tau); 0 = a noiseless labeler"})
     labeler_length_bias: float = field(default=0.3, metadata={
         "help": "labeler utility added per doubling of a response's length in words (a liking for longer answers)"})
@@ -70,7 +70,7 @@ class WorldConfig:
         "help": "labeler utility added per response style terse, standard, explained, checked, chatty (a taste for thorough-looking or friendly answers)"})
     labeler_position_bias: float = field(default=0.0, metadata={
         "help": "labeler utility added to the first-shown response, falling linearly to 0 for the last"})
-    doc_english_fraction: float = field(default=0.3, metadata={
+    doc_english_fraction: float = field(default=0.3, metadata={"range": "[0, 1]",
         "help": "fraction of pretraining characters drawn from the shipped English text (tinyshakespeare)"})
 
     def validate(self) -> "WorldConfig":
