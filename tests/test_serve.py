@@ -260,7 +260,7 @@ def test_bodies_over_the_cap_get_413_before_they_are_parsed(run_dir, monkeypatch
     assert ServeConfig().max_body_bytes == 256 * 1024
     cfg = build_config("tiny", None, [*SERVE_SETS, "serve.max_body_bytes=1000"])
     c = TestClient(create_app(run_dir, cfg), base_url="http://127.0.0.1")
-    monkeypatch.setattr(app_module, "fit_chat", lambda *a: pytest.fail("a refused body reached the endpoint"))
+    monkeypatch.setattr("gptstack.engine.chat.fit_history", lambda *a: pytest.fail("a refused body reached the endpoint"))
     chat = json.dumps({"stage": "sft", "messages": [{"role": "user", "content": "7 " * 1000}]}).encode()
     for body in (chat, iter([chat[:600], chat[600:]]), b"{" * 2000):  # with Content-Length, chunked, not JSON
         r = c.post("/api/chat", content=body, headers={"Content-Type": "application/json"})

@@ -11,6 +11,7 @@ at every token) ends the turn early, e.g. when a browser closes its stream.
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 
 from ..common import UserError
@@ -18,16 +19,31 @@ from ..tokenizer import ASSISTANT_END
 from .sampling import generate
 
 
-def fit_history(tok, messages: Sequence[dict], max_new_tokens: int, block_size: int) -> list[dict]:
-    """The conversation to prompt with: the oldest user/assistant turn pairs are dropped
-    (left-truncation) until the prompt and the reply fit the context. UserError when even the
-    last message alone is too long."""
-    history = list(messages)
-    while len(tok.render_prompt(history)) + max_new_tokens > block_size and len(history) > 1:
-        history = history[2:]
+def fit_history(tok, messages: Sequence[dict], max_new_tokens: int, block_size: int, stage: str = "") -> list[dict]:
+    """The conversation to prompt with: the system message (if any) and the latest turns that
+    fit the context with room for the reply (the oldest user/assistant pairs are dropped).
+    UserError, naming the sizes, when the system message and the last user turn alone do not fit."""
+    messages = list(messages)
+    if len(tok.render_prompt(messages)) + max_new_tokens <= block_size:  # also checks the roles
+        return messages
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(head):]  # user, assistant, ..., user
+
+    def fits(pairs_dropped: int) -> bool:
+        return len(tok.render_prompt(head + turns[2 * pairs_dropped:])) + max_new_tokens <= block_size
+
+    # the fewest pairs to drop, searched (dropping a pair never lengthens the prompt): a long chat
+    # is rendered a few times, not once per pair
+    pairs = len(turns) // 2
+    dropped = bisect.bisect_left(range(pairs + 1), True, key=fits)
+    history = head + turns[2 * min(dropped, pairs):]
     n = len(tok.render_prompt(history))
     if n >= block_size:
-        raise UserError(f"message too long: {n} tokens, the model's context is {block_size}")
+        what = "the system message and the last user message take" if head else "the last user message takes"
+        raise UserError(f"message too long{f' for stage {stage!r}' if stage else ''}: {what} {n} tokens, and the "
+                        f"model's context is {block_size} tokens for prompt and reply together (earlier turns are "
+                        f"dropped to fit, {'these two' if head else 'the last message'} never): shorten "
+                        f"{'them' if head else 'it'}")
     return history
 
 

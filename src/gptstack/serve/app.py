@@ -49,7 +49,6 @@ store is SQLite in WAL mode (store.py), safe for any number of concurrent reques
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import random
 import re
@@ -335,32 +334,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def fit_chat(tok, messages: list[dict], max_new_tokens: int, block_size: int, stage: str) -> list[dict]:
-    """The conversation to prompt with: the system message (if any) and the latest turns that
-    fit the context with room for the reply (the oldest user/assistant pairs are dropped).
-    Invalid, naming the sizes, when the system message and the last user turn alone do not fit."""
-    if len(tok.render_prompt(messages)) + max_new_tokens <= block_size:  # also checks the roles
-        return messages
-    head = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(head):]  # user, assistant, ..., user
-
-    def fits(pairs_dropped: int) -> bool:
-        return len(tok.render_prompt(head + turns[2 * pairs_dropped:])) + max_new_tokens <= block_size
-
-    # the fewest pairs to drop, searched (dropping a pair never lengthens the prompt): a long chat
-    # is rendered a few times, not once per pair
-    pairs = len(turns) // 2
-    dropped = bisect.bisect_left(range(pairs + 1), True, key=fits)
-    history = head + turns[2 * min(dropped, pairs):]
-    n = len(tok.render_prompt(history))
-    if n >= block_size:
-        what = "the system message and the last user message take" if head else "the last user message takes"
-        raise Invalid(f"message too long for stage {stage!r}: {what} {n} tokens, and the model's context is "
-                      f"{block_size} tokens for prompt and reply together (earlier turns are dropped to fit, "
-                      f"{'these two' if head else 'the last message'} never): shorten {'them' if head else 'it'}")
-    return history
-
-
 def _world_task(text: str):
     try:
         return world.task_from_prompt(text)
@@ -441,13 +414,13 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
 
     @app.post("/api/chat")
     async def chat(req: ChatRequest):
-        from ..engine.chat import stream_reply
+        from ..engine.chat import fit_history, stream_reply
 
         messages = [m.model_dump() for m in req.messages]
 
         def prepare():
             model = run.language_model(req.stage)
-            return model, fit_chat(run.tokenizer, messages, req.max_new_tokens, model.config.block_size, req.stage)
+            return model, fit_history(run.tokenizer, messages, req.max_new_tokens, model.config.block_size, req.stage)
 
         model, history = await run_in_threadpool(prepare)
         loop = asyncio.get_running_loop()
@@ -490,7 +463,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
 
     @app.post("/api/compare")
     def compare(req: CompareRequest):
-        from ..engine.chat import stream_reply
+        from ..engine.chat import fit_history, stream_reply
 
         history = [{"role": "user", "content": req.prompt.strip()}]
         task = _world_task(req.prompt)
@@ -498,7 +471,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
         with run.lock:
             for stage in req.stages:
                 model = run.language_model(stage)
-                fitted = fit_chat(run.tokenizer, history, req.max_new_tokens, model.config.block_size, stage)
+                fitted = fit_history(run.tokenizer, history, req.max_new_tokens, model.config.block_size, stage)
                 reply, finished = stream_reply(model, run.tokenizer, fitted, max_new_tokens=req.max_new_tokens,
                                                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                                seed=req.seed)
