@@ -255,8 +255,6 @@ def test_host_header_must_be_exactly_a_served_name(run_dir, cfg):
 
 
 def test_bodies_over_the_cap_get_413_before_they_are_parsed(run_dir, monkeypatch):
-    import gptstack.serve.app as app_module
-
     assert ServeConfig().max_body_bytes == 256 * 1024
     cfg = build_config("tiny", None, [*SERVE_SETS, "serve.max_body_bytes=1000"])
     c = TestClient(create_app(run_dir, cfg), base_url="http://127.0.0.1")
