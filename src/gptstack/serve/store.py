@@ -82,8 +82,9 @@ class Invalid(ValueError):
     """A label that does not fit its item, e.g. a ranking of other responses than those shown (HTTP 422)."""
 
 
-class Unwritable(RuntimeError):
-    """The disk refused a write (read-only, no permission, I/O error); nothing of it was kept (HTTP 503)."""
+class Unwritable(UserError):
+    """The disk refused a write (read-only, no permission, I/O error); nothing of it was kept (HTTP 503;
+    on the command line, one `error:` line)."""
 
 
 class DiskFull(Unwritable):
