@@ -18,12 +18,12 @@ from gptstack.train.checkpoint import save_model
 TEXT = "What is 2 + 3? The answer is 5. Which is larger, 58 or 85? Count the letters. " * 50
 
 
-def _make_run(root, seed=0, text=TEXT, vocab=270):
+def _make_run(root, seed=0, text=TEXT, vocab=270, block_size=96):
     """RUN/tokenizer + a random-weight RUN/sft policy + RUN/rm reward model, in seconds."""
     tok = Tokenizer.train(text, vocab, progress=False)
     tok.save(root / "tokenizer")
     cfg = Config()
-    cfg.model = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=96)
+    cfg.model = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=block_size)
     torch.manual_seed(seed)
     policy = GPT(cfg.model)
     save_model(root / "sft", policy.state_dict(), cfg.to_dict())
@@ -128,7 +128,8 @@ def test_gao_rl_fit_recovers_known_coefficients():
 def test_grpo_runs_on_a_gsm8k_file_and_reports_answer_accuracy(tmp_path, shared_data):
     rows = (shared_data / "gsm8k/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
     (tmp_path / "gsm8k.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    _make_run(tmp_path, text="\n".join(rows), vocab=300)
+    # a context that holds every question with room for the answer: grpo skips a prompt it would cut
+    _make_run(tmp_path, text="\n".join(rows), vocab=300, block_size=384)
     from gptstack.cli import main
     rc = main(["grpo", "--policy", str(tmp_path / "sft"), "--reward", str(tmp_path / "gsm8k.jsonl"), "--out", str(tmp_path),
                "--set", "grpo.updates=2", "--set", "grpo.prompts_per_update=2", "--set", "grpo.samples_per_prompt=4",

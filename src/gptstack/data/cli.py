@@ -3,7 +3,8 @@
 Per file, one line on stdout: `FILE: KIND, N rows (M usable, K skipped: reason ×count, ...) [source]`.
 Structural errors (bad JSON, missing keys, wrong types, non-UTF-8 bytes) are listed on stderr,
 one per bad line as `file:line: key: what was expected`, and make the exit status 2; irregular but
-well-formed rows only give a warning (exit 0), since stages skip them and count them by reason.
+well-formed rows only give a warning (exit 0), since stages skip them and count them by reason,
+unless no usable row is left: a file every stage would refuse is an error (exit status 2).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     reports = []
     for path in args.files:
         try:
-            ds = read_dataset(path, skip_bad_rows=True)
+            ds = read_dataset(path, skip_bad_rows=True, require_rows=False)
         except UserError as e:  # the file as a whole is unusable (missing, not gzip, unknown format)
             print(f"error: {e}", file=sys.stderr)
             reports.append({"path": str(path), "error": str(e)})
@@ -29,14 +30,19 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             continue
         for line in ds.errors:
             print(line, file=sys.stderr)
-        if ds.errors:
-            print(f"error: {path}: {len(ds.errors)} bad row{'s' if len(ds.errors) != 1 else ''}; a stage stops on "
-                  "this file before training unless given --skip-bad-rows", file=sys.stderr)
-            status = 2
         irregular = {r: c for r, c in ds.skipped.items() if r != BAD_ROW}
         if irregular:
             reasons = ", ".join(f"{r} ×{c}" for r, c in sorted(irregular.items(), key=lambda x: -x[1]))
             print(f"warning: {path}: {sum(irregular.values())} irregular rows will be skipped ({reasons})", file=sys.stderr)
+        # the errors come last, so a file's verdict is the last line it prints on stderr
+        if ds.errors:
+            print(f"error: {path}: {len(ds.errors)} bad row{'s' if len(ds.errors) != 1 else ''}; a stage stops on "
+                  "this file before training unless given --skip-bad-rows", file=sys.stderr)
+            status = 2
+        if not ds.usable:
+            print(f"error: {path}: no usable rows ({ds.n_rows} read, all skipped); a stage refuses this file",
+                  file=sys.stderr)
+            status = 2
         if args.json:
             reports.append({"path": ds.path, "kind": ds.kind, "source": ds.source, "rows": ds.n_rows,
                             "usable": ds.usable, "examples": len(ds.rows), "skipped": dict(ds.skipped),

@@ -29,11 +29,16 @@ the first row and every row is then held to it:
 "chosen"/"rejected" are the assistant's reply text, so stages never care where data came from.
 
 Two kinds of trouble, handled differently (DESIGN.md, "Bad input"):
-  - structural errors (not UTF-8, not JSON, missing keys, wrong types) are collected for every
-    bad line as "file:line: key: what was expected" and raised together as one UserError before
-    any work, unless skip_bad_rows=True, which skips and counts them ("bad row");
+  - structural errors (not UTF-8, not JSON, JSON nested too deeply, a key twice in one object,
+    lone UTF-16 surrogates, missing keys, wrong types, NaN or infinite numbers) are collected for
+    every bad line as "file:line: key: what was expected" and raised together as one UserError
+    (one line when one row is bad) before any work, unless skip_bad_rows=True, which skips and
+    counts them ("bad row");
   - irregular but well-formed rows (an empty final assistant turn, chosen and rejected with
     different prompts, the same role twice in a row, ...) are skipped and counted by reason.
+A file left with no usable row is a UserError too (`require_rows`). A UTF-8 byte-order mark
+opening a file is ignored; CRLF line ends are fine. TRL's unpaired preference (KTO) rows,
+prompt + completion + label, are refused rather than read as demonstrations.
 
 GSM8K-style answers are checked with `check_answer(response, answer)`, which reads the final
 answer from "The answer is X", "#### X" or else the last number, and compares numerically.
@@ -42,8 +47,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
+import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,6 +74,7 @@ class Dataset:
     usable: int = 0               # records that gave at least one row
     skipped: Counter = field(default_factory=Counter)   # reason -> records skipped
     errors: list[str] = field(default_factory=list)     # structural errors, "file:line: key: expected"
+    lines: list[int] = field(default_factory=list)      # the line (or array item's line) of each row
 
     @property
     def n_skipped(self) -> int:
@@ -116,12 +124,20 @@ class Dataset:
 class _Bad(Exception):
     """A structural error in one row: `key` and what was expected."""
 
-    def __init__(self, key: str, expected: str):
+    def __init__(self, key: str, expected: str, end: int | None = None):
         super().__init__(f"{key}: {expected}")
+        self.end = end  # where a JSON value that parsed but cannot be used ends (JSON arrays read on)
 
 
 class _Irregular(Exception):
     """A well-formed row that cannot be used as is; the message is the reason (counted)."""
+
+
+def warn(message: str, info=None) -> None:
+    """A data warning, `warning: ...` on stderr as `gptstack data check` prints them (on the main
+    process only when given a DistInfo)."""
+    if info is None or info.is_main:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 # --- reading records ------------------------------------------------------------------------
@@ -142,6 +158,70 @@ def _type(v) -> str:
         type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: an object naming a key twice is an error (json.loads would keep
+    the last value silently, other readers the first)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value) -> str | None:
+    """The key path of the first string (or key) of a parsed value holding a lone UTF-16
+    surrogate ("\\ud800" escapes, which JSON parses but UTF-8 cannot encode), or None."""
+    stack = [("row", value)]
+    while stack:  # iterative: a value nested ~1000 deep parses, and must not overflow here
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in v):
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = k if where == "row" else f"{where}.{k}"
+                if any(0xD800 <= ord(c) <= 0xDFFF for c in k):
+                    return name
+                stack.append((name, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _decode(text: str, start: int = 0, whole: bool = True):
+    """One JSON value of `text` at `start` (after any whitespace) -> (value, end). Raises what
+    json raises for invalid JSON (with the whole text left after it when `whole`: "Extra data"),
+    and _Bad for what json accepts but a row cannot hold: a key twice in one object, nesting
+    deeper than Python's recursion limit (RecursionError inside json), a lone surrogate."""
+    start = _JSON_SPACE.match(text, start).end()
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except _DuplicateKey as e:
+        raise _Bad(str(e.args[0]), "the same key twice in one object; expected each key once") from None
+    except RecursionError:
+        raise _Bad("json", f"nested too deeply to read (over {sys.getrecursionlimit()} levels of [ and {{); "
+                           "expected rows of objects a few levels deep") from None
+    if whole and _JSON_SPACE.match(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    if _SURROGATE_ESCAPE.search(text, start, end):
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise _Bad(where, "a lone UTF-16 surrogate (\\ud800-\\udfff escape without its pair); expected "
+                              "valid Unicode text", end)
+    return value, end
+
+
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], list[str], str]:
     """All records of a JSON/JSONL(.gz) or text file: ([(line, value)], structural errors, layout).
 
@@ -149,6 +229,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], lis
     """
     path = Path(path)
     data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one)
+        data = data[3:]
     stem = path.name[:-3] if path.name.endswith(".gz") else path.name
     errors: list[str] = []
     if stem.endswith((".txt", ".md")):
@@ -166,14 +248,17 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], lis
         if not raw.strip():
             continue
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             errors.append(f"{path}:{lineno}: bytes: expected UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
             continue
         try:
-            value = json.loads(line)
+            value, _ = _decode(line)
         except json.JSONDecodeError as e:
             errors.append(f"{path}:{lineno}: json: expected one JSON object per line: {e.msg} (column {e.colno})")
+            continue
+        except _Bad as e:
+            errors.append(f"{path}:{lineno}: {e}")
             continue
         records.append((lineno, value))
     return records, errors, "jsonl"
@@ -185,7 +270,6 @@ def _read_json_array(path: Path, data: bytes) -> tuple[list, list]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}:{line}: bytes: expected UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    decoder = json.JSONDecoder()
     records, errors = [], []
     i = text.index("[") + 1
     line, counted = 1, 0
@@ -196,24 +280,45 @@ def _read_json_array(path: Path, data: bytes) -> tuple[list, list]:
         counted = pos
         return line
 
+    def stop(pos: int, expected: str) -> None:
+        errors.append(f"{path}:{line_at(pos)}: json: expected {expected}")
+
+    # strict JSON: '[' (value (',' value)*)? ']' and nothing after; an array cannot be
+    # re-synchronised after a syntax error, so the first one is reported and reading stops
+    state = "first"  # "first" after '[', "value" after ',', "sep" after an item
     while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
+        i = _JSON_SPACE.match(text, i).end()
         if i >= len(text):
-            errors.append(f"{path}:{line_at(len(text))}: json: expected ']' to close the array (the file ends early)")
+            stop(len(text), "']' to close the array (the file ends early)")
             break
-        if text[i] == "]":
-            if text[i + 1 :].strip():
-                errors.append(f"{path}:{line_at(i)}: json: expected nothing after the closing ']'")
+        c = text[i]
+        if c == "]" and state != "value":
+            if _JSON_SPACE.match(text, i + 1).end() != len(text):
+                stop(i, "nothing after the closing ']'")
+            break
+        if state == "sep":
+            if c != ",":
+                stop(i, f"',' or ']' after an array item, got {c!r}")
+                break
+            i, state = i + 1, "value"
+            continue
+        if c in ",]":
+            after = "'['" if state == "first" else "','"
+            stop(i, f"a value after {after}" + (" (a trailing comma before ']')" if c == "]" else f", got {c!r}"))
             break
         try:
-            value, end = decoder.raw_decode(text, i)
+            value, end = _decode(text, i, whole=False)
         except json.JSONDecodeError as e:
-            # An array cannot be re-synchronised after a syntax error: report it and stop.
             errors.append(f"{path}:{e.lineno}: json: expected a JSON array of objects: {e.msg} (column {e.colno})")
             break
+        except _Bad as e:
+            errors.append(f"{path}:{line_at(i)}: {e}")
+            if e.end is None:  # the item could not be read to its end
+                break
+            i, state = e.end, "sep"
+            continue
         records.append((line_at(i), value))
-        i = end
+        i, state = end, "sep"
     return records, errors
 
 
@@ -449,6 +554,8 @@ def _row_prompt_answer(row: dict) -> list[dict]:
     a = row["answer"]
     if isinstance(a, bool) or not isinstance(a, (str, int, float)):
         raise _Bad("answer", f"expected a string or number, got {_type(a)}")
+    if isinstance(a, float) and not math.isfinite(a):  # json.loads reads NaN, Infinity and 1e999
+        raise _Bad("answer", f"expected a finite number, got {a}")
     if not str(a).strip():
         raise _Irregular("empty answer")
     return [{"prompt": prompt, "answer": str(a).strip()}]
@@ -504,7 +611,10 @@ def _row_ranking(row: dict) -> list[dict]:
         raise _Bad("responses", "missing, expected a list of at least 2 strings")
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
-        raise _Bad("responses", f"expected a list of at least 2 strings, got {_type(responses)}")
+        got = (f"{len(responses)} string{'s' if len(responses) != 1 else ''} (a ranking of one response has "
+               "nothing to compare)" if isinstance(responses, list) and all(isinstance(x, str) for x in responses)
+               else _type(responses))
+        raise _Bad("responses", f"expected a list of at least 2 strings, got {got}")
     if "ranking" not in row:
         raise _Bad("ranking", "missing, expected a list of response indices, best first")
     ranking = row["ranking"]
@@ -526,6 +636,8 @@ def _row_ranking(row: dict) -> list[dict]:
             if not isinstance(v, list) or len(v) != len(responses) or not all(ok(x) for x in v):
                 raise _Bad(key, f"expected a list of {len(responses)} {what} (one per response), got "
                                 f"{json.dumps(v)[:60]}")
+            if key == "gold" and not all(math.isfinite(x) for x in v):  # json.loads reads NaN, Infinity, 1e999
+                raise _Bad(key, f"expected finite numbers, got {json.dumps(v)[:60]} (NaN and Infinity are not JSON)")
             extras[key] = list(v)
     if any(not x.strip() for x in responses):
         raise _Irregular("empty response")
@@ -583,6 +695,11 @@ _KNOWN = " | ".join("+".join(sorted(keys)) for _, _, _, keys, _ in FORMATS)
 
 
 def _detect(path: Path, line: int, row: dict):
+    if {"completion", "label"} <= row.keys():
+        raise UserError(f"{path}:{line}: label: TRL's unpaired preference (KTO) rows (prompt, completion, label) are "
+                        "not supported (read as demonstrations, the label-false completions would be trained on); expected "
+                        "paired preferences (prompt, chosen, rejected), K-wise rankings, or prompt + completion "
+                        "rows without a label")
     for fmt in FORMATS:
         if fmt[3] <= row.keys():
             if fmt[0] == "preference" and "prompt" not in row and is_transcript(row.get("chosen")):
@@ -593,10 +710,10 @@ def _detect(path: Path, line: int, row: dict):
 
 
 def read_dataset(path: str | os.PathLike, expect: tuple[str, ...] | str | None = None,
-                 skip_bad_rows: bool = False) -> Dataset:
+                 skip_bad_rows: bool = False, require_rows: bool = True) -> Dataset:
     """Read and validate a data file (see the module docstring). Raises UserError, before any
     work, on a file that cannot be used: listing every structural error unless `skip_bad_rows`,
-    and when the file's kind is not in `expect`."""
+    when the file's kind is not in `expect`, and (`require_rows`) when no row is usable."""
     path = Path(path)
     records, errors, layout = read_records(path)
     fmt = None
@@ -604,9 +721,8 @@ def read_dataset(path: str | os.PathLike, expect: tuple[str, ...] | str | None =
         if isinstance(value, dict):
             fmt = _detect(path, line, value)
             break
-    if fmt is None and not errors:
-        what = "rows" if records else "data"
-        raise UserError(f"{path}: no {what}; expected " + ("JSON objects" if records else "at least one row"))
+    if fmt is None and not errors and not records:
+        raise UserError(f"{path}: no data; expected at least one row")
     name, kind, source, _, parser = fmt or ("unknown", "unknown", "unknown", set(), None)
     if isinstance(expect, str):
         expect = (expect,)
@@ -628,11 +744,15 @@ def read_dataset(path: str | os.PathLike, expect: tuple[str, ...] | str | None =
             ds.skipped[str(e)] += 1
             continue
         ds.rows.extend(rows)
+        ds.lines.extend([line] * len(rows))
         ds.usable += 1
     prefix = len(str(path)) + 1
     ds.errors = sorted(errors, key=lambda e: int(re.match(r"\d*", e[prefix:]).group() or 0))  # in line order
     errors = ds.errors
     if errors:
+        if not skip_bad_rows and len(errors) == 1:  # one line: file:line: key: expected
+            raise UserError(f"{errors[0]} (1 bad row" + (f", {name} format" if fmt else "")
+                            + "; fix it or pass --skip-bad-rows to skip and count it)")
         if not skip_bad_rows:
             shown = errors[:MAX_ERRORS_IN_MESSAGE]
             more = len(errors) - len(shown)
@@ -641,6 +761,10 @@ def read_dataset(path: str | os.PathLike, expect: tuple[str, ...] | str | None =
                 f"{'it' if len(errors) == 1 else 'them'} or pass --skip-bad-rows to skip and count them:\n"
                 + "\n".join(shown) + (f"\n... and {more} more (`gptstack data check {path}` lists all)" if more else ""))
         ds.skipped[BAD_ROW] += bad_lines
+    if require_rows and not ds.usable:
+        reasons = ", ".join(f"{r} ×{c}" for r, c in ds.skipped.most_common())
+        raise UserError(f"{path}: no usable rows ({ds.n_rows} read, all skipped: {reasons}); expected at least one "
+                        f"usable {'' if fmt is None else kind + ' '}row")
     return ds
 
 

@@ -96,18 +96,20 @@ class Prompts:
             items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
             if tok is not None:
                 # A prompt that leaves no room for max_new_tokens would lose its start in the engine (a
-                # question without its beginning, answer-checked all the same): skipped and counted.
-                room = max(1, cfg.model.block_size + 1 - tc.max_new_tokens)
+                # question without its beginning, answer-checked all the same): skipped and counted. The
+                # held-out rows of a verifiable file are also sampled with eval.max_new_tokens.
+                new = max(tc.max_new_tokens, cfg.eval.max_new_tokens) if ds.kind == "verifiable" else tc.max_new_tokens
+                room = max(1, cfg.model.block_size + 1 - new)
                 sizes = [len(tok.render_prompt(it.messages)) for it in items]
                 long = [(line, n) for line, n in zip(ds.lines, sizes) if n > room]
                 if long and len(long) == len(items):
                     raise UserError(f"{data}:{long[0][0]}: prompt: {long[0][1]} tokens rendered; expected at most "
-                                    f"{room} (model.block_size {cfg.model.block_size} + 1 - max_new_tokens "
-                                    f"{tc.max_new_tokens}): no prompt of this file fits")
+                                    f"{room} (model.block_size {cfg.model.block_size} + 1 - {new} new tokens): no "
+                                    "prompt of this file fits")
                 if long:
                     lines = ", ".join(str(line) for line, _ in long[:10]) + (", ..." if len(long) > 10 else "")
                     warn(f"{data}: {len(long)} prompt(s) longer than {room} tokens (model.block_size "
-                         f"{cfg.model.block_size} + 1 - max_new_tokens {tc.max_new_tokens}) skipped, lines {lines}")
+                         f"{cfg.model.block_size} + 1 - {new} new tokens) skipped, lines {lines}")
                     items = [it for it, n in zip(items, sizes) if n <= room]
             if ds.kind == "verifiable":
                 # the file's last rows (at most 10 %) are held out: the answer accuracy is measured on them
