@@ -87,7 +87,7 @@ def test_resume_is_bit_exact_and_the_saved_model_is_the_policy(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("ppo.kl_coef=-0.1", "kl_coef must be >= 0"),
+    ("ppo.kl_coef=-0.1", r"ppo.kl_coef: expected a value in \[0, inf\)"),
     ("ppo.clip=-0.2", "clip"),
     ("ppo.advantage=foo", "advantage must be one of"),
 ])

@@ -205,9 +205,9 @@ def test_lm_coef_reaches_the_loss(tmp_path, tok, monkeypatch):  # noqa: F811
 
 
 def test_negative_lm_coef_is_refused_before_anything_loads(tmp_path):
-    cfg = build_config("tiny", sets=[*SMALL, "rm.lm_coef=-1"])
-    # neither the policy nor the preferences exist: the setting is checked first
-    with pytest.raises(UserError, match="rm.lm_coef"):
+    # neither the policy nor the preferences exist: the setting is checked first, as the config is built
+    with pytest.raises(UserError, match=r"rm.lm_coef: expected a value in \[0, inf\)"):
+        cfg = build_config("tiny", sets=[*SMALL, "rm.lm_coef=-1"])
         rm_stage.run(cfg, tmp_path / "no-run" / "sft", tmp_path / "no-prefs.jsonl", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

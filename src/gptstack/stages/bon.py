@@ -107,6 +107,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     rm, _ = load_scalar_model(rm_dir, "reward")
     check_vocab(rm.config.vocab_size, tok, rm_dir)
     cfg.model = policy_cfg.model
+    cfg.tokenizer.identity = tok.identity  # as write_config stamps it, so a finished stage compares equal
     inputs = {"inputs/policy_sha256": weights_digest(policy_dir), "inputs/rm_sha256": weights_digest(rm_dir)}
     if (stage_dir / "summary.json").exists() and not fresh and (stage_dir / "config.json").exists():
         done = json.loads((stage_dir / "summary.json").read_text())

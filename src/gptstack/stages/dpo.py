@@ -223,16 +223,8 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     tc = cfg.dpo
     if tc.loss_type not in LOSS_TYPES:
         raise UserError(f"dpo.loss_type: expected one of {', '.join(LOSS_TYPES)}, got {tc.loss_type!r}")
-    if not tc.beta > 0:
-        raise UserError(f"dpo.beta: expected a positive number, got {tc.beta}")
-    if not 0 <= tc.label_smoothing < 0.5:
-        raise UserError(f"dpo.label_smoothing: expected 0 <= value < 0.5, got {tc.label_smoothing}")
     if tc.pairs not in PAIR_MODES:
         raise UserError(f"dpo.pairs: expected one of {', '.join(PAIR_MODES)}, got {tc.pairs!r}")
-    if tc.rpo_alpha < 0:
-        raise UserError(f"dpo.rpo_alpha: expected a number >= 0, got {tc.rpo_alpha}")
-    if not 0 <= tc.heldout_fraction < 1:
-        raise UserError(f"dpo.heldout_fraction: expected 0 <= value < 1, got {tc.heldout_fraction}")
     info = init_distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)

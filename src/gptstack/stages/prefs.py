@@ -128,8 +128,6 @@ def run(cfg: Config, source: str | Path | None, out: str | Path, rankings: str |
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(pc.threads)
-    if pc.k < 2 or pc.prompts < 1:
-        raise UserError(f"prefs.k and prefs.prompts: expected k >= 2 and prompts >= 1, got k={pc.k}, prompts={pc.prompts}")
     if source is None and rankings is None:
         raise UserError("prefs: expected --from RUN/sft (sample and rank) or --rankings FILE (read labels)")
     stage_dir = Path(out) / STAGE

@@ -405,11 +405,6 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         torch.set_num_threads(pc.threads)
     if pc.labels not in LABELS:
         raise UserError(f"prm.labels: expected one of {', '.join(LABELS)}, got {pc.labels!r}")
-    for key in ("prompts", "samples", "mc_rollouts", "max_new_tokens", "gen_batch_size", "score_batch_size"):
-        if getattr(pc, key) < 1:
-            raise UserError(f"prm.{key}: expected a positive number, got {getattr(pc, key)}")
-    if not 0 <= pc.eval_fraction < 1:
-        raise UserError(f"prm.eval_fraction: expected a fraction in [0, 1), got {pc.eval_fraction}")
     source, run_dir = Path(source), Path(out)
     stage_dir, orm_dir = run_dir / STAGE, run_dir / STAGE / "orm"
     policy, policy_cfg, tok = load_stage(source, info.device)

@@ -332,10 +332,6 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     if tc.fsdp:
         raise UserError("rm.fsdp: not supported for the reward model (its held-out evaluation and normalisation run "
                         "on rank 0 alone, which a sharded model cannot); use DDP, the default under torchrun")
-    if not 0 < tc.eval_fraction < 1:
-        raise UserError(f"rm.eval_fraction: expected a fraction in (0, 1), got {tc.eval_fraction}")
-    if tc.lm_coef < 0:
-        raise UserError(f"rm.lm_coef: expected a weight >= 0, got {tc.lm_coef}")
     source, run_dir = Path(source), Path(out)
     stage_dir = run_dir / STAGE
     policy, source_cfg, tok = load_stage(source, info.device)
