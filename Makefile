@@ -26,8 +26,10 @@ demo: install
 		| $(VENV)/bin/gptstack tokenizer show --tokenizer $(RUN)/tokenizer --chat
 	printf 'Which is larger, 58 or 85?\n/reset\nReverse the list: 3, 9, 4.\n' | $(VENV)/bin/gptstack chat $(RUN)/sft --temperature 0
 
-# The whole suite, slow end-to-end runs included (pytest's exit 5, "no tests collected", is not a failure).
+# The layering contracts (pyproject.toml [tool.importlinter]), then the whole suite, slow end-to-end
+# runs included (pytest's exit 5, "no tests collected", is not a failure).
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 test-fast: install

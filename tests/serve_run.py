@@ -26,9 +26,10 @@ def make_run(run_dir: Path, xss: bool = True, rm: bool = True) -> Path:
     from gptstack import world
     from gptstack.config import Config
     from gptstack.model.gpt import GPT, GPTConfig
-    from gptstack.model.heads import ScalarModel, save_scalar_model
+    from gptstack.model.heads import ScalarModel
+    from gptstack.rundir import save_scalar_model
     from gptstack.tokenizer import DEFAULT_SPECIALS, Tokenizer
-    from gptstack.train.checkpoint import save_model
+    from gptstack.rundir import save_model
 
     run_dir = Path(run_dir)
     text = "\n".join(t.prompt + "\n" + t.reference for t in world.train_tasks(200, seed=5)) + "\n" + XSS

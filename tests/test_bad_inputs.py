@@ -24,7 +24,7 @@ from gptstack.data.formats import read_dataset
 from gptstack.model import GPT
 from gptstack.stages import dpo, ppo, rm, sft
 from gptstack.tokenizer import ASSISTANT_START, DEFAULT_SPECIALS, Tokenizer
-from gptstack.train.checkpoint import save_model
+from gptstack.rundir import save_model
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 REPO = Path(__file__).resolve().parents[1]

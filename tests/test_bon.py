@@ -10,10 +10,10 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.model.gpt import GPT
-from gptstack.model.heads import ScalarModel, save_scalar_model
+from gptstack.model.heads import ScalarModel
+from gptstack.rundir import save_model, save_scalar_model
 from gptstack.stages import bon
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=256", "bon.prompts=6",
          "bon.n=1,2,4,8", "bon.max_new_tokens=8", "bon.batch_size=4", "bon.threads=1"]

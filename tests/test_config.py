@@ -70,7 +70,7 @@ def test_run_seed_moves_every_training_seed_and_keeps_the_eval_set():
     one, two = apply_run_seed(build_config("tiny"), 1), apply_run_seed(build_config("tiny"), 2)
     seeds = lambda c: {(s, k): v for s, sec in c.to_dict().items() if isinstance(sec, dict)  # noqa: E731
                        for k, v in sec.items() if k in ("seed", "prompt_seed")}
-    moved = {key for key in seeds(base) if key[0] not in ("eval", "world", "serve", "report")}
+    moved = {key for key in seeds(base) if key[0] not in ("eval", "world", "serve", "sampling", "report")}
     assert {("pretrain", "seed"), ("sft", "seed"), ("prefs", "seed"), ("rm", "seed"), ("ppo", "prompt_seed"),
             ("overopt", "seed"), ("grpo", "prompt_seed"), ("dpo", "seed"), ("prm", "seed")} <= moved
     for key in moved:
@@ -78,3 +78,24 @@ def test_run_seed_moves_every_training_seed_and_keeps_the_eval_set():
     for c in (one, two):   # the measurement stays fixed
         assert c.eval.seed == base.eval.seed and c.world.eval_seed == base.world.eval_seed
         assert c.to_dict()["world"] == base.to_dict()["world"]
+        assert c.sampling == base.sampling   # chat/sample/serve defaults are not a run's randomness
+
+
+def test_run_eta_is_a_table_of_stages_from_the_recipe(tmp_path):
+    assert build_config("tiny").run.eta["sft"] == 490 and build_config("gpt2-124m").run.eta == {}
+    cfg = build_config("micro", sets=["run.eta.sft=9"])   # one key changed, the recipe's others kept
+    assert cfg.run.eta["sft"] == 9 and cfg.run.eta["pretrain"] == 5
+    assert config_from_dict(cfg.to_dict()) == cfg
+    old = cfg.to_dict()
+    old["run"] = {"pretrain": 220, "sft": 420}   # a config.json written when the ETAs were fields
+    assert config_from_dict(old).run.eta == {"pretrain": 220, "sft": 420}
+    for sets, message in [(["run.eta.sfft=3"], r"run.eta.sfft: no such key; did you mean run.eta.sft\?"),
+                          (["run.sft=3"], r"run.sft: no such key; did you mean run.eta.sft\?"),
+                          (["run.eta.sft=-1"], r"run.eta.sft: expected a value in \[0, inf\)"),
+                          (["run.eta=3"], "run.eta: expected a table")]:
+        with pytest.raises(UserError, match=message):
+            build_config("tiny", sets=sets)
+    bad = tmp_path / "r.toml"
+    bad.write_text("[run.eta]\npretrain = 1\nrlhf = 2\n")
+    with pytest.raises(UserError, match=r"r.toml: run.eta.rlhf: no such key; valid keys: run.eta.pretrain"):
+        build_config(str(bad))

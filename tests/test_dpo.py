@@ -16,7 +16,7 @@ from gptstack.engine.rollout import sequence_logprobs, summed_logprobs
 from gptstack.model import GPT, GPTConfig
 from gptstack.stages import dpo
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
-from gptstack.train.checkpoint import load_model, save_model
+from gptstack.rundir import load_model, save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=96", "dpo.batch_size=4",
          "dpo.max_steps=3", "dpo.log_every=1", "dpo.warmup_steps=0", "dpo.heldout_fraction=0.25",

@@ -17,7 +17,8 @@ from gptstack.cli import main
 from gptstack.common import NonFiniteWeights, TrainingDiverged, UserError
 from gptstack.config import build_config
 from gptstack.stages import pretrain
-from gptstack.train.checkpoint import load_checkpoint, load_stage, save_checkpoint
+from gptstack.train.checkpoint import load_checkpoint, save_checkpoint
+from gptstack.rundir import load_stage
 from gptstack.train.loop import resume_state
 from gptstack.train.metrics import read_metrics
 
@@ -197,7 +198,7 @@ def test_a_stage_never_overwrites_another_tokenizer_of_its_run(micro_run, tmp_pa
 
 
 def test_equal_tensors_give_equal_bytes_in_every_process(tmp_path):
-    code = ("import sys, torch; from gptstack.train.checkpoint import save_model; torch.manual_seed(0); "
+    code = ("import sys, torch; from gptstack.rundir import save_model; torch.manual_seed(0); "
             "save_model(sys.argv[1], {'a': torch.randn(4), 'b': torch.randn(2, 3)}, {}, "
             "{'gptstack_head': 'reward', 'gptstack_lm_head': 'true', 'x': '1', 'y': '2'})")
     for i in range(3):

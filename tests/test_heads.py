@@ -6,8 +6,8 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import Config
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.model.heads import ScalarModel, last_real_index, load_scalar_model, save_scalar_model
-from gptstack.train.checkpoint import load_model, save_model
+from gptstack.model.heads import ScalarModel, last_real_index
+from gptstack.rundir import load_model, load_scalar_model, save_model, save_scalar_model
 
 
 def _model(seed=0, **kw):

@@ -77,3 +77,20 @@ def test_unknown_stage_is_refused():
     with pytest.raises(UserError, match="unknown stage"):
         pipeline.parse_stages("sft,ppo,rlhf")
     assert pipeline.parse_stages("grpo,sft") == ["sft", "grpo"]
+
+
+def test_progress_line_eta_from_the_recipe_table_and_none_without(tmp_path, monkeypatch, capsys):
+    def fake(stage, cfg, run):   # a stage that writes its summary at once
+        (run / stage).mkdir(parents=True)
+        (run / stage / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(pipeline, "_call", fake)
+    cfg = build_config("micro", sets=["run.eta.sft=60", "run.eta.prefs=120"])
+    cfg.run.eta.pop("pretrain")
+    pipeline.run(cfg, tmp_path / "a", stages="pretrain,sft,prefs", report=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/3] pretrain: starting (no ETA; pipeline ETA 3m00s + 1 stage(s) without one, elapsed")
+    assert lines[1].startswith("[2/3] sft: starting (~") and "pipeline ETA" in lines[1]
+    cfg.run.eta.clear()   # a recipe without a [run.eta] table
+    pipeline.run(cfg, tmp_path / "b", stages="pretrain,sft", report=False)
+    assert capsys.readouterr().out.splitlines()[0].startswith("[1/2] pretrain: starting (no ETA; elapsed")

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from gptstack.common import UserError
 from gptstack.config import Config, build_config
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.model.heads import ScalarModel, save_scalar_model
+from gptstack.model.heads import ScalarModel
+from gptstack.rundir import save_model, save_scalar_model
 from gptstack.stages import ppo
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import save_model
 
 TEXT = "What is 2 + 3? The answer is 5. Which is larger, 58 or 85? Count the letters. " * 50
 

@@ -15,7 +15,7 @@ from gptstack.data.formats import read_dataset
 from gptstack.model.gpt import GPT
 from gptstack.stages import prefs
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import save_model
+from gptstack.rundir import save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=256", "prefs.prompts=12",
          "prefs.k=4", "prefs.max_new_tokens=6", "prefs.batch_size=5", "prefs.threads=1"]
@@ -106,7 +106,7 @@ def test_bad_input(tmp_path):
 def test_cli_prefs_and_export_routes(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "gptstack.cli", "prefs", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "export" in proc.stdout and "--rankings" in proc.stdout
-    store = pytest.importorskip("gptstack.serve.store")
+    store = pytest.importorskip("gptstack.data.feedback")
     calls = []
     monkeypatch.setattr(store, "export_prefs", lambda run_dir, out_path, kwise=False: calls.append((run_dir, out_path, kwise)) or 3)
     from gptstack.cli import main

@@ -12,10 +12,10 @@ from gptstack.config import build_config
 from gptstack.data.formats import read_dataset
 from gptstack.engine.sampling import Completion
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.model.heads import ScalarModel, load_scalar_model
+from gptstack.model.heads import ScalarModel
+from gptstack.rundir import load_scalar_model, save_model
 from gptstack.stages import prm
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
-from gptstack.train.checkpoint import save_model
 from gptstack.train.dist import DistInfo
 
 SMALL_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=160"]

@@ -13,7 +13,7 @@ from gptstack.config import Config, build_config
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.stages import ppo
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import save_model
+from gptstack.rundir import save_model
 
 FAMILY_CFG = world.WorldConfig(families=["compare"], difficulty_mix=[1, 0, 0, 0])
 

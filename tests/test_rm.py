@@ -12,10 +12,10 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.model.gpt import GPT
-from gptstack.model.heads import ScalarModel, load_scalar_model
+from gptstack.model.heads import ScalarModel
+from gptstack.rundir import check_same_tokenizer, load_scalar_model, save_model
 from gptstack.stages import rm as rm_stage
 from gptstack.tokenizer import ASSISTANT_END, ASSISTANT_START, USER_START, Tokenizer
-from gptstack.train.checkpoint import check_same_tokenizer, save_model
 
 SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "rm.batch_size=8",
          "rm.log_every=5", "rm.norm_prompts=16", "rm.max_new_tokens=8", "rm.warmup_steps=2", "rm.threads=1",
@@ -148,10 +148,9 @@ def test_load_preferences_pairs_rankings_directories_and_bad_rows(tmp_path):
         rm_stage.load_preferences(tmp_path)
 
 
-def test_load_preferences_reads_a_feedback_store_through_serve(tmp_path, monkeypatch):
-    store = pytest.importorskip("gptstack.serve.store")
+def test_load_preferences_reads_a_feedback_store(tmp_path, monkeypatch):
     expected = ([{"prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"], "ranking": [1, 0]}], {"data/rows": 1})
-    monkeypatch.setattr(store, "read_feedback", lambda path: expected)
+    monkeypatch.setattr(rm_stage, "read_feedback", lambda path: expected)
     assert rm_stage.load_preferences(tmp_path / "feedback.sqlite") == expected
 
 
@@ -227,7 +226,7 @@ def test_rm_learns_a_toy_preference_and_normalises_on_the_policy(tmp_path, tok):
     rm, _ = load_scalar_model(run / "rm", "reward")
     assert json.loads((run / "rm" / "summary.json").read_text())["eval/accuracy"] == summary["eval/accuracy"]
     # normalised: the same policy samples now score mean 0, std 1
-    from gptstack.train.checkpoint import load_stage
+    from gptstack.rundir import load_stage
 
     policy, _, tok2 = load_stage(run / "sft")
     rows, _ = rm_stage.load_preferences(tmp_path / "toy.jsonl")

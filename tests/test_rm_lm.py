@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from gptstack.common import UserError
 from gptstack.config import Config, build_config
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.model.heads import ScalarModel, load_scalar_model, pad_sequences, save_scalar_model, score_ids
+from gptstack.model.heads import ScalarModel, pad_sequences, score_ids
+from gptstack.rundir import load_scalar_model, save_scalar_model
 from gptstack.stages import rm as rm_stage
 from gptstack.tokenizer import ASSISTANT_START
 from gptstack.train.checkpoint import load_checkpoint

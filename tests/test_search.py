@@ -11,10 +11,10 @@ from gptstack import world
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.model.heads import ScalarModel, save_scalar_model
+from gptstack.model.heads import ScalarModel
+from gptstack.rundir import save_model, save_scalar_model
 from gptstack.stages import prm, search
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import save_model
 
 SMALL_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=160"]
 

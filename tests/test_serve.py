@@ -27,14 +27,13 @@ from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.data.formats import read_dataset
 from gptstack.engine import generate
-from gptstack.model.heads import load_scalar_model
-from gptstack.serve import store as store_module
+from gptstack.rundir import load_model, load_scalar_model
+from gptstack.data import feedback as store_module
 from gptstack.serve.app import LOOPBACK_HOSTS, STATIC, BodyLimit, create_app
 from gptstack.serve.config import ServeConfig
-from gptstack.serve.store import (Conflict, FeedbackStore, Invalid, Item, NotFound, export_prefs, gold_agreement,
+from gptstack.data.feedback import (Conflict, FeedbackStore, Invalid, Item, NotFound, export_prefs, gold_agreement,
                                   read_feedback)
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
-from gptstack.train.checkpoint import load_model
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -552,7 +551,8 @@ def test_a_long_chat_keeps_its_system_message_or_says_what_is_too_long(client, r
 
 def test_compare_reports_gold_and_rm_score_as_computed_directly(client, run_dir):
     prompt = "What is 2 + 3?"
-    data = client.post("/api/compare", json={"prompt": prompt, "stages": ["sft", "ppo"], "max_new_tokens": 30}).json()
+    data = client.post("/api/compare", json={"prompt": prompt, "stages": ["sft", "ppo"], "max_new_tokens": 30,
+                                             "temperature": 0}).json()
     assert data["world"] and data["answer"] == "5"
     tok = Tokenizer.load(run_dir / "tokenizer")
     rm, _ = load_scalar_model(run_dir / "rm", "reward")
@@ -657,7 +657,7 @@ def test_concurrent_clients_lose_and_duplicate_no_label(run_dir, tmp_path):
 def test_kill_9_mid_stream_loses_no_acknowledged_label(run_dir, tmp_path):
     from gptstack.config import Config
     from gptstack.model.gpt import GPT, GPTConfig
-    from gptstack.train.checkpoint import save_model
+    from gptstack.rundir import save_model
 
     run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("feedback.sqlite*", "*.log"))
     # a model with a long context, so a stream is certainly still going when the server dies

@@ -163,7 +163,7 @@ def cmd_prefs(args: argparse.Namespace) -> int:
 
     if getattr(args, "prefs_action", None) == "export":
         try:
-            from .serve.store import export_prefs
+            from .data.feedback import export_prefs
         except ImportError as e:
             raise UserError(f"prefs export needs gptstack.serve ({e})") from None
         n = export_prefs(args.run, args.out, kwise=args.kwise)
@@ -241,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .config import apply_sets
     from .eval.protocol import evaluate_policy
-    from .train.checkpoint import load_model, load_stage
+    from .rundir import load_model, load_stage
 
     stage = Path(args.stage)
     model, cfg, tok = load_stage(stage)
@@ -267,10 +267,27 @@ def resolve_stage(path: str) -> Path:
     raise UserError(f"{p}: no trained model here (expected RUN/STAGE/model.safetensors)")
 
 
+def sampling_settings(args: argparse.Namespace):
+    """chat's and sample's sampling: the config's `sampling` section (--recipe, then --set), each
+    sampling flag given on the command line winning; checked against the section's ranges."""
+    from .config import check_ranges
+
+    s = _config(args).sampling
+    flags = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
+             if getattr(args, name, None) is not None}
+    if flags.get("top_p") == 0:  # `--top-p 0` meant off before top_p = 1 did: still accepted
+        flags["top_p"] = 1.0
+    for name, value in flags.items():
+        setattr(s, name, value)
+    check_ranges(s, "command line", "sampling.")
+    return s
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .engine.chat import fit_history, stream_reply
-    from .train.checkpoint import load_stage
+    from .rundir import load_stage
 
+    s = sampling_settings(args)
     stage = resolve_stage(args.run)
     model, _, tok = load_stage(stage)
     model.eval()
@@ -291,7 +308,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         # the oldest turns are dropped (left-truncation) when the history outgrows the context
-        history = fit_history(tok, [*history, {"role": "user", "content": line}], args.max_new_tokens,
+        history = fit_history(tok, [*history, {"role": "user", "content": line}], s.max_new_tokens,
                               model.config.block_size)
         sys.stdout.write("assistant> ")
 
@@ -299,8 +316,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        reply, _ = stream_reply(model, tok, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed + turn, on_text=show)
+        reply, _ = stream_reply(model, tok, history, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None, seed=s.seed + turn,
+                                on_text=show)
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": reply})
@@ -324,8 +342,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .engine import generate
     from .tokenizer import ASSISTANT_END
-    from .train.checkpoint import load_stage
+    from .rundir import load_stage
 
+    s = sampling_settings(args)
     stage = resolve_stage(args.stage)
     model, _, tok = load_stage(stage)
     model.eval()
@@ -333,8 +352,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompt, stop = tok.render_prompt([{"role": "user", "content": args.prompt}]), [tok.special(ASSISTANT_END)]
     else:
         prompt, stop = [tok.bos_id, *tok.encode(args.prompt)], []
-    (completions,) = generate(model, [prompt], args.max_new_tokens, n=args.num_samples, temperature=args.temperature,
-                              top_k=args.top_k or None, top_p=args.top_p or None, stop_ids=stop, seed=args.seed)
+    (completions,) = generate(model, [prompt], s.max_new_tokens, n=args.num_samples, temperature=s.temperature,
+                              top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1 else None, stop_ids=stop,
+                              seed=s.seed)
     for k, c in enumerate(completions):
         if args.num_samples > 1:
             print(f"--- sample {k + 1}")
@@ -346,7 +366,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .model.hf import export_hf
     from .tokenizer import Tokenizer
-    from .train.checkpoint import load_model
+    from .rundir import load_model
 
     stage = Path(args.stage)
     model, _ = load_model(stage)
@@ -361,7 +381,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .config import Config
     from .model.hf import import_hf
-    from .train.checkpoint import save_model
+    from .rundir import save_model
 
     model = import_hf(args.dir)
     cfg = Config(name=f"import:{args.dir}", model=model.config)
@@ -379,6 +399,25 @@ def add_stage_args(p: argparse.ArgumentParser, out_required: bool = True) -> Non
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set pretrain.lr=3e-3 (repeatable)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming from RUN/<stage>/checkpoint")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """chat's and sample's sampling flags, their defaults the config's `sampling` section (shown as
+    the dataclass has them; a recipe or --set sampling.KEY=VALUE changes them), and --recipe/--set."""
+    import dataclasses
+
+    from .sampling_config import SamplingConfig
+
+    defaults = SamplingConfig()
+    for f in dataclasses.fields(SamplingConfig):
+        # SUPPRESS: a flag not given is absent from args, and the formatter adds no "(default: None)"
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type in (int, "int") else float,
+                       default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       help=f"{f.metadata['help']} (default: sampling.{f.name} = {getattr(defaults, f.name)})")
+    p.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml",
+                   help="recipe whose [sampling] section gives the defaults")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sampling.temperature=1.0 (repeatable)")
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -618,10 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the most trained model in RUN (ppo, grpo, dpo, sft, then pretrain). "
                                            "Reads stdin line by line when it is not a terminal.")
     chat.add_argument("run", metavar="RUN[/STAGE]", help="a run or stage directory")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    chat.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    chat.add_argument("--max-new-tokens", type=int, default=128)
-    chat.add_argument("--seed", type=int, default=0)
+    add_sampling_args(chat)
     chat.set_defaults(handler=cmd_chat)
 
     srv = commands.add_parser("serve", help="chat, compare and rank responses in the browser", formatter_class=fmt,
@@ -636,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require `Authorization: Bearer T` on every request but the page, its static files and "
                           "/api/health "
                           "(or set GPTSTACK_SERVE_TOKEN, which `ps` does not show)")
-    srv.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the serve and world sections")
+    srv.add_argument("--recipe", default="tiny", metavar="NAME|FILE.toml", help="recipe for the serve, sampling and world sections")
     srv.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set serve.k=3 or --set serve.prompts=prompts.jsonl")
     srv.set_defaults(handler=cmd_serve)
@@ -645,13 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Continue a prompt with a trained model (KV-cache sampling).")
     smp.add_argument("stage", metavar="RUN[/STAGE]", help="a stage directory, or a run (its most trained model)")
     smp.add_argument("--prompt", default="", help="text to continue")
-    smp.add_argument("--max-new-tokens", type=int, default=200)
-    smp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    smp.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    smp.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 = off)")
     smp.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template)")
     smp.add_argument("--num-samples", type=int, default=1)
-    smp.add_argument("--seed", type=int, default=0)
+    add_sampling_args(smp)
     smp.set_defaults(handler=cmd_sample)
 
     exp = commands.add_parser("export", help="export a stage's model to HF format", formatter_class=fmt,

@@ -23,6 +23,7 @@ from .model.gpt import PRESETS, GPTConfig
 from .world.tasks import WorldConfig
 from .eval.config import EvalConfig
 from .serve.config import ServeConfig
+from .sampling_config import SamplingConfig
 from .report.config import ReportConfig
 
 
@@ -254,22 +255,21 @@ class SearchConfig:
     threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
+def _stage_names() -> tuple[str, ...]:
+    from .pipeline import STAGES  # imported when first needed: pipeline.py imports this module
+
+    return STAGES
+
+
 @dataclass
 class RunConfig:
-    """`gptstack run`'s ETA: each stage's expected seconds on 2 CPU cores (the progress line scales
-    them by the pace measured on the stages already run)."""
+    """`gptstack run`'s progress line. The expected seconds are the recipe's (its [run.eta] table),
+    measured for that recipe on some machine; the line scales them by the pace measured on the stages
+    already run. A stage without one shows no ETA."""
 
-    pretrain: float = field(default=220, metadata={"range": "[0, inf)", "help": "expected seconds of pretrain"})
-    sft: float = field(default=420, metadata={"range": "[0, inf)", "help": "expected seconds of sft"})
-    prefs: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of prefs"})
-    rm: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of rm"})
-    bon: float = field(default=60, metadata={"range": "[0, inf)", "help": "expected seconds of bon"})
-    ppo: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of ppo"})
-    overopt: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of overopt"})
-    grpo: float = field(default=180, metadata={"range": "[0, inf)", "help": "expected seconds of grpo"})
-    dpo: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of dpo"})
-    prm: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of prm"})
-    search: float = field(default=90, metadata={"range": "[0, inf)", "help": "expected seconds of search"})
+    eta: dict[str, float] = field(default_factory=dict, metadata={
+        "range": "[0, inf)", "keys": _stage_names,
+        "help": "expected seconds per stage, e.g. [run.eta] sft = 490 (a stage left out: no ETA)"})
 
 
 @dataclass
@@ -293,6 +293,7 @@ class Config:
     prm: PRMConfig = field(default_factory=PRMConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
@@ -349,6 +350,11 @@ def _coerce(value, typ, where: str):
             raise UserError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a table of key = value, got {value!r}")
+        _, item = typing.get_args(typ)
+        return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -369,20 +375,36 @@ def _coerce(value, typ, where: str):
     return value
 
 
+def _check_key(key: str, valid, where: str, prefix: str) -> None:
+    if key not in valid:
+        close = difflib.get_close_matches(key, list(valid), n=3)
+        hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else \
+            f"; valid keys: {', '.join(prefix + k for k in valid)}"
+        raise UserError(f"{where}: no such key{hint}")
+
+
 def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
     types = _field_types(type(obj))
     for key, value in values.items():
         where = f"{origin}: {prefix}{key}"
-        if key not in types:
-            close = difflib.get_close_matches(key, list(types), n=3)
-            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else \
-                f"; valid keys: {', '.join(prefix + k for k in types)}"
-            raise UserError(f"{where}: no such key{hint}")
+        for name, f in obj.__dataclass_fields__.items():  # a key of a table one level down (run.sft: run.eta.sft)
+            keys = f.metadata.get("keys")
+            if key not in types and keys is not None and key in (keys() if callable(keys) else keys):
+                raise UserError(f"{where}: no such key; did you mean {prefix}{name}.{key}?")
+        _check_key(key, types, where, prefix)
         typ = types[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: expected a [{prefix}{key}] section (a table), got {value!r}")
             _apply(getattr(obj, key), value, origin, f"{prefix}{key}.")
+        elif typing.get_origin(typ) is dict:  # a table: its keys checked, merged into what earlier layers set
+            value = _coerce(value, typ, where)
+            keys = obj.__dataclass_fields__[key].metadata.get("keys")
+            if keys is not None:
+                valid = keys() if callable(keys) else keys
+                for k in value:
+                    _check_key(k, valid, f"{where}.{k}", f"{prefix}{key}.")
+            setattr(obj, key, {**getattr(obj, key), **value})
         else:
             setattr(obj, key, _coerce(value, typ, where))
 
@@ -402,13 +424,15 @@ def check_ranges(obj, origin: str, prefix: str = "") -> None:
             check_ranges(value, origin, f"{key}.")
             continue
         spec = f.metadata.get("range")
-        for x in value if isinstance(value, list) else [value]:
+        items = ([(f"{key}.{k}", x) for k, x in value.items()] if isinstance(value, dict)
+                 else [(key, x) for x in (value if isinstance(value, list) else [value])])
+        for where, x in items:
             if not isinstance(x, (int, float)) or isinstance(x, bool):
                 continue
             if not math.isfinite(x):
-                raise UserError(f"{origin}: {key}: expected a finite number, got {x}")
+                raise UserError(f"{origin}: {where}: expected a finite number, got {x}")
             if spec and not _in_range(x, spec):
-                raise UserError(f"{origin}: {key}: expected a value in {spec}, got {x}")
+                raise UserError(f"{origin}: {where}: expected a value in {spec}, got {x}")
 
 
 def _parse_set(item: str) -> tuple[list[str], object]:
@@ -458,8 +482,9 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
 
 
 # Sections whose seeds are not a run's randomness: the eval protocol's draws and the world's held-out
-# set stay fixed so every seed is measured on the same items; serving and the report are not training.
-_FIXED_SEED_SECTIONS = ("eval", "world", "serve", "report")
+# set stay fixed so every seed is measured on the same items; serving, the interactive commands'
+# sampling and the report are not training.
+_FIXED_SEED_SECTIONS = ("eval", "world", "serve", "sampling", "report")
 SEED_STRIDE = 1_000_003
 
 
@@ -490,6 +515,9 @@ def apply_sets(cfg: Config, sets: list[str]) -> Config:
 
 def config_from_dict(values: dict) -> Config:
     """A saved config.json back into a Config (the keys were valid when it was written)."""
+    run = values.get("run")
+    if isinstance(run, dict) and "eta" not in run:  # written when the ETAs were fields: run.<stage> = seconds
+        values = {**values, "run": {"eta": run}}
     cfg = Config()
     _apply(cfg, values, "config.json")
     check_ranges(cfg, "config.json")

@@ -9,7 +9,8 @@ run directory's conventional paths (RUN/sft is the policy, RUN/rm the reward mod
 whose summary.json exists is complete and skipped; one that was interrupted resumes from its
 checkpoint (each stage's own resume), so killing `gptstack run` and running it again continues
 where it stopped. The progress line names the stage and an ETA from the recipe's per-stage
-estimates (the `run` section, seconds on 2 CPU cores), scaled by this machine's measured pace.
+estimates (its [run.eta] table of seconds), scaled by this machine's measured pace; a stage the
+table leaves out has no ETA.
 """
 from __future__ import annotations
 
@@ -59,11 +60,22 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _eta(estimates: dict[str, float | None], rest: list[str], pace: float) -> str:
+    """The progress line's ETA part for the stage rest[0], with rest the stages still to run."""
+    known = [estimates[s] for s in rest if estimates[s] is not None]
+    if not known:
+        return "no ETA; "
+    this = "no ETA" if estimates[rest[0]] is None else f"~{_fmt(estimates[rest[0]] * pace)}"
+    missing = len(rest) - len(known)
+    return (f"{this}; pipeline ETA {_fmt(sum(known) * pace)}"
+            + (f" + {missing} stage(s) without one" if missing else "") + ", ")
+
+
 def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = True) -> dict:
     """Run (or resume, or skip) each chosen stage; -> {stage: seconds spent in this call}."""
     run_dir = Path(out)
     chosen = parse_stages(stages)
-    estimates = {s: float(getattr(cfg.run, s)) for s in chosen}
+    estimates = {s: cfg.run.eta.get(s) for s in chosen}   # None: the recipe gives no ETA for it
     todo = [s for s in chosen if not (run_dir / s / "summary.json").exists()]
     t0, spent, pace = time.perf_counter(), {}, 1.0   # pace: measured / estimated, over the stages run so far
     done_estimate = done_measured = 0.0
@@ -71,8 +83,7 @@ def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = 
         if stage not in todo:
             print0(f"[{i}/{len(chosen)}] {stage}: complete ({run_dir / stage / 'summary.json'}), skipped")
             continue
-        remaining = sum(estimates[s] for s in todo[todo.index(stage):]) * pace
-        print0(f"[{i}/{len(chosen)}] {stage}: starting (~{_fmt(estimates[stage] * pace)}; pipeline ETA {_fmt(remaining)}, "
+        print0(f"[{i}/{len(chosen)}] {stage}: starting ({_eta(estimates, todo[todo.index(stage):], pace)}"
                f"elapsed {_fmt(time.perf_counter() - t0)})")
         t = time.perf_counter()
         result = _call(stage, cfg, run_dir)
@@ -80,9 +91,10 @@ def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = 
         if not (run_dir / stage / "summary.json").exists():   # a stage stopped early (stop_at): resume later
             print0(f"{stage}: stopped before finishing ({result}); run the same command again to continue")
             return spent
-        done_estimate += estimates[stage]
-        done_measured += spent[stage]
-        pace = done_measured / done_estimate
+        if estimates[stage]:   # the pace is measured on the stages that have an estimate
+            done_estimate += estimates[stage]
+            done_measured += spent[stage]
+            pace = done_measured / done_estimate
     timings = run_dir / "run_times.json"
     if spent:
         old = json.loads(timings.read_text()) if timings.exists() else {}

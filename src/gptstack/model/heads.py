@@ -3,7 +3,7 @@
     rm = ScalarModel.from_policy(sft_model, kind="reward")     # trunk copied from the policy
     values = rm(ids, pad_mask=mask)            # (B, T): one scalar per position
     rewards = rm.score(ids, pad_mask=mask)     # (B,): read at each row's last real token
-    save_scalar_model(stage_dir, rm, cfg.to_dict());  rm, cfg = load_scalar_model(stage_dir, "reward")
+    (saved and loaded by rundir.py: save_scalar_model, load_scalar_model)
 
 The head is a linear map of the trunk's final (normed) hidden state, as in InstructGPT's RM and
 TRL's value heads. The trunk's language-model head is dropped unless asked for (`lm_head=True`):
@@ -28,15 +28,10 @@ into the head's weight and bias (`normalize`), so a saved RM's raw output is alr
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from ..common import UserError
 from .gpt import GPT, GPTConfig, keep_positions
 
 KINDS = ("reward", "value", "prm", "orm")
@@ -224,55 +219,3 @@ def scalar_weights(state_dict: dict) -> dict:
     if lm is not None and emb is not None and lm.data_ptr() == emb.data_ptr():
         return {k: v for k, v in state_dict.items() if k != "trunk.lm_head.weight"}
     return state_dict
-
-
-def save_scalar_model(stage_dir: str | Path, model: ScalarModel, config: dict, state_dict: dict | None = None) -> None:
-    """model.safetensors (with the head's kind in its metadata) + config.json."""
-    from ..train.checkpoint import save_model
-
-    save_model(Path(stage_dir), scalar_weights(state_dict if state_dict is not None else model.state_dict()), config,
-               metadata=scalar_metadata(model))
-
-
-def _metadata(stage_dir: str | Path) -> dict | None:
-    path = Path(stage_dir) / "model.safetensors"
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def scalar_kind(stage_dir: str | Path) -> str | None:
-    """The head kind a stage's weights were saved with, or None for a language model."""
-    return (_metadata(stage_dir) or {}).get("gptstack_head")
-
-
-def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS, device: str = "cpu"):
-    """A stage directory holding a scalar-head model -> (ScalarModel, Config). Refuses anything else
-    (a language model, a PRM where a reward model is wanted) with a clear error. The model comes
-    back as it was saved: with an LM head and a likelihood term where it had them."""
-    from ..config import config_from_dict
-
-    stage_dir = Path(stage_dir)
-    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-    cfg_path, weights = stage_dir / "config.json", stage_dir / "model.safetensors"
-    if not weights.exists() or not cfg_path.exists():
-        raise UserError(f"{stage_dir}: no model here (expected model.safetensors and config.json)")
-    meta = _metadata(stage_dir) or {}
-    found = meta.get("gptstack_head")
-    if found not in kinds:
-        what = "a language model (no scalar head)" if found is None else f"a {found} model"
-        raise UserError(f"{stage_dir}: expected a {' or '.join(kinds)} model, found {what}")
-    cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-    from ..train.checkpoint import check_tokenizer_identity
-    check_tokenizer_identity(stage_dir, cfg)
-    state = load_file(str(weights), device=device)
-    start = state.get("response_start_id")
-    model = ScalarModel(cfg.model, found, lm_head=meta.get("gptstack_lm_head") == "true",
-                        response_start_id=None if start is None else int(start))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if model.has_lm_head and cfg.model.tie_embeddings:   # stored once, as the embedding (scalar_weights)
-        missing = [k for k in missing if k != "trunk.lm_head.weight"]
-    if missing or unexpected:
-        raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), cfg

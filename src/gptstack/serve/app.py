@@ -18,8 +18,10 @@ API (JSON bodies, validated by pydantic: a bad one gets 422 naming the field; a 
 serve.max_body_bytes gets 413 before it is read; a label the disk cannot take gets 507 (full) or
 503 (read-only) and is not stored; there is no /docs or /openapi.json, this list is the schema):
   GET  /api/health                     200 {"ok": true}, never needs the token
-  GET  /api/info                       stages (language models and scalar heads), settings
+  GET  /api/info                       stages (language models and scalar heads), settings, and the
+                                       sampling defaults (the config's `sampling` section)
   POST /api/chat                       {stage, messages, temperature, top_k, top_p, max_new_tokens, seed}
+                                       (a sampling field left out takes the `sampling` section's value)
                                        -> text/event-stream: "token" events {"text"}, then "done"
                                        {"text", "finished"} (or "error" {"detail"}); the oldest turns
                                        that do not fit the context are dropped (the system message
@@ -49,6 +51,7 @@ store is SQLite in WAL mode (store.py), safe for any number of concurrent reques
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -67,7 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints,
 
 from .. import world
 from ..common import UserError
-from .store import FILENAME, Conflict, DiskFull, FeedbackStore, Invalid, Item, NotFound, Unwritable
+from ..data.feedback import FILENAME, Conflict, DiskFull, FeedbackStore, Invalid, Item, NotFound, Unwritable
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -88,12 +91,19 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
+    """The sampling fields of a chat or compare request: one left out (or null) takes the config's
+    `sampling` section (`with_defaults`), the same defaults `gptstack chat` and `sample` use."""
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(0.7, ge=0, le=10, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0, le=1, description="1 = off")
-    max_new_tokens: int = Field(128, ge=1, le=4096)
-    seed: int = Field(0, ge=0, lt=2**63)
+    temperature: float | None = Field(None, ge=0, le=10, description="0 = greedy")
+    top_k: int | None = Field(None, ge=0, description="0 = off")
+    top_p: float | None = Field(None, gt=0, le=1, description="1 = off")
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    def with_defaults(self, sampling):
+        """This request with each sampling field it left out taken from `sampling` (cfg.sampling)."""
+        return self.model_copy(update={name: getattr(sampling, name) for name in Sampling.model_fields
+                                       if getattr(self, name) is None})
 
 
 class ChatRequest(Sampling):
@@ -109,7 +119,6 @@ class ChatRequest(Sampling):
 
 
 class CompareRequest(Sampling):
-    temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     prompt: str = Field(min_length=1, max_length=20_000)
     stages: list[StageName] = Field(min_length=1, max_length=4)
 
@@ -162,7 +171,7 @@ class Run:
         self._loading = threading.Lock()
 
     def _find_stages(self) -> dict[str, str]:
-        from ..model.heads import scalar_kind
+        from ..rundir import scalar_kind
 
         out = {}
         for d in sorted(p for p in self.dir.iterdir() if (p / "model.safetensors").is_file()):
@@ -183,7 +192,7 @@ class Run:
         return prompts, [_world_task(p[-1]["content"]) for p in prompts], s.prompts
 
     def language_model(self, stage: str):
-        from ..train.checkpoint import check_vocab, load_model
+        from ..rundir import check_vocab, load_model
 
         kind = self.stages.get(stage)
         if kind is None:
@@ -200,8 +209,8 @@ class Run:
 
     def reward_model(self):
         """RUN/rm's reward model, or None when the run has none."""
-        from ..model.heads import load_scalar_model
-        from ..train.checkpoint import check_vocab
+        from ..rundir import load_scalar_model
+        from ..rundir import check_vocab
 
         if self.stages.get("rm") != "reward":
             return None
@@ -271,6 +280,7 @@ class Run:
                           "prompts": self.source, "prompt_set_size": len(self.prompts),
                           "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                           "max_new_tokens": s.max_new_tokens},
+                "sampling": dataclasses.asdict(self.cfg.sampling),  # the chat and compare views' defaults
                 "rm": self.stages.get("rm") == "reward"}
 
 
@@ -416,6 +426,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
     async def chat(req: ChatRequest):
         from ..engine.chat import fit_history, stream_reply
 
+        req = req.with_defaults(run.cfg.sampling)
         messages = [m.model_dump() for m in req.messages]
 
         def prepare():
@@ -465,6 +476,7 @@ def create_app(run_dir: str | Path, cfg, token: str | None = None,
     def compare(req: CompareRequest):
         from ..engine.chat import fit_history, stream_reply
 
+        req = req.with_defaults(run.cfg.sampling)
         history = [{"role": "user", "content": req.prompt.strip()}]
         task = _world_task(req.prompt)
         results = []

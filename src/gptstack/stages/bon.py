@@ -24,7 +24,6 @@ per n, "step" = n) and samples.jsonl (per prompt the first sample and the best o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -37,9 +36,9 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
-from ..model.heads import load_scalar_model
+from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, weights_digest,
+                      write_config)
 from ..tokenizer import ASSISTANT_END
-from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage, write_config
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
 from .rm import score_texts
@@ -83,15 +82,6 @@ def best_of_n_table(ns: list[int], proxy: np.ndarray, gold: np.ndarray, correct:
     return rows
 
 
-def weights_digest(stage_dir: Path) -> str:
-    """sha256 of a stage's weights: a finished run is reused only for the same policy and RM."""
-    h = hashlib.sha256()
-    with open(Path(stage_dir) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path, fresh: bool = False) -> dict:
     t_start = time.perf_counter()
     bc = cfg.bon
@@ -106,7 +96,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     policy, policy_cfg, tok = load_stage(policy_dir)
     rm, _ = load_scalar_model(rm_dir, "reward")
     check_vocab(rm.config.vocab_size, tok, rm_dir)
-    cfg.model = policy_cfg.model
+    cfg = adopt_model(cfg, policy_cfg)
     cfg.tokenizer.identity = tok.identity  # as write_config stamps it, so a finished stage compares equal
     inputs = {"inputs/policy_sha256": weights_digest(policy_dir), "inputs/rm_sha256": weights_digest(rm_dir)}
     if (stage_dir / "summary.json").exists() and not fresh and (stage_dir / "config.json").exists():

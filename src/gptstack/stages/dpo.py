@@ -42,7 +42,7 @@ from ..data.formats import Dataset, read_dataset, warn
 from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import adopt_tokenizer, load_model, load_stage
+from ..rundir import adopt_model, adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 from ..world import ranking_to_pairs
@@ -232,10 +232,10 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     stage_dir = run_dir / STAGE
     prefs_file, prefs_stage = resolve_prefs(prefs)
     if prefs_stage is not None:  # responses sampled by another run's model: refuse a tokenizer mismatch
-        from ..train.checkpoint import check_same_tokenizer
+        from ..rundir import check_same_tokenizer
         check_same_tokenizer(prefs_stage, policy_dir)
     model, source_cfg, tok = load_stage(policy_dir, info.device)
-    cfg.model = source_cfg.model  # the architecture is the policy's, whatever the recipe says
+    cfg = adopt_model(cfg, source_cfg)  # the architecture is the policy's, whatever the recipe says
 
     # --- data: read and validate everything before any training ---------------------------------
     ds = read_dataset(prefs_file, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)

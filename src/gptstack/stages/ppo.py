@@ -35,10 +35,10 @@ from ..config import Config, RLConfig
 from ..data.corpus import get_batch
 from ..engine.rollout import Batch, rollout, token_logprobs, token_values
 from ..eval import protocol
-from ..model.heads import ScalarModel, load_scalar_model
+from ..model.heads import ScalarModel
+from ..rundir import adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_model, load_stage
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train import rl
-from ..train.checkpoint import adopt_tokenizer, check_same_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -434,7 +434,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
 
     # --- models and data, all checked before any rollout -------------------------------------------
     policy, policy_cfg, tok = load_stage(policy_dir, device)
-    cfg.model = policy_cfg.model
+    cfg = adopt_model(cfg, policy_cfg)
     ref = load_stage(policy_dir, device)[0].eval().requires_grad_(False)
     rm = critic = None
     if rm_dir is not None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
-from ..train.checkpoint import write_config
+from ..rundir import write_config
 from ..train.dist import print0
 
 STAGE = "prefs"
@@ -151,7 +151,7 @@ def run(cfg: Config, source: str | Path | None, out: str | Path, rankings: str |
     else:
         import torch  # noqa: PLC0415
 
-        from ..train.checkpoint import load_stage  # noqa: PLC0415
+        from ..rundir import load_stage  # noqa: PLC0415
 
         policy, source_cfg, tok = load_stage(source)
         with torch.inference_mode():

@@ -22,7 +22,7 @@ from ..config import Config
 from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents, split_documents
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
-from ..train.checkpoint import check_vocab
+from ..rundir import check_vocab
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 from ..train.precision import autocast, measure_peak_flops

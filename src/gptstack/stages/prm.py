@@ -54,7 +54,8 @@ from ..data.formats import check_answer, read_dataset, warn
 from ..engine import generate
 from ..model.heads import ScalarModel
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import adopt_tokenizer, load_checkpoint, load_stage
+from ..train.checkpoint import load_checkpoint
+from ..rundir import adopt_model, adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -408,7 +409,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
     source, run_dir = Path(source), Path(out)
     stage_dir, orm_dir = run_dir / STAGE, run_dir / STAGE / "orm"
     policy, policy_cfg, tok = load_stage(source, info.device)
-    cfg.model = policy_cfg.model  # the trunk is the policy's
+    cfg = adopt_model(cfg, policy_cfg)  # the trunk is the policy's
     dataset = read_step_rows(data, skip_bad_rows) if data not in (None, "world") else None
     labels = pc.labels
     if dataset is not None and dataset.kind == "stepwise":

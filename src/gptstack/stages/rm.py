@@ -50,6 +50,7 @@ Two options keep the trunk's LM head (model/heads.py), both off by default:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -64,12 +65,13 @@ import torch.nn.functional as F
 from .. import world
 from ..common import UserError
 from ..config import Config
+from ..data.feedback import read_feedback
 from ..data.formats import read_dataset, warn
 from ..eval.protocol import wilson_interval
 from ..model.heads import (ScalarModel, gather_last, latest_start, pad_sequences, response_token_logprobs,
                            scalar_metadata, scalar_weights, score_ids, sequence_scores)
 from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
-from ..train.checkpoint import adopt_tokenizer, load_stage
+from ..rundir import adopt_model, adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -88,10 +90,6 @@ def load_preferences(path: str | Path, skip_bad_rows: bool = False) -> tuple[lis
     """
     path = Path(path)
     if path.suffix in (".sqlite", ".db"):
-        try:
-            from ..serve.store import read_feedback  # noqa: PLC0415 (optional part: the web app)
-        except ImportError as e:
-            raise UserError(f"{path}: reading feedback needs gptstack.serve ({e})") from None
         return read_feedback(path)
     if path.is_dir():
         if not (path / "prefs.jsonl").exists():
@@ -335,7 +333,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     source, run_dir = Path(source), Path(out)
     stage_dir = run_dir / STAGE
     policy, source_cfg, tok = load_stage(source, info.device)
-    cfg.model = source_cfg.model
+    cfg = adopt_model(cfg, source_cfg)
     block = cfg.model.block_size
 
     # --- data: read, render and split everything before any training -------------------------------
@@ -364,8 +362,9 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         raise UserError(f"{prefs}: {len(train)} training and {len(held)} held-out prompts with a comparison; "
                         f"need at least one of each (rm.eval_fraction = {tc.eval_fraction})")
     per_step = tc.batch_size * tc.grad_accum * info.world
-    if tc.max_steps <= 0:
-        tc.max_steps = max(1, math.ceil(tc.epochs * len(train) / per_step))
+    if tc.max_steps <= 0:  # derived from epochs, in a copy (the caller's config keeps its 0)
+        tc = dataclasses.replace(tc, max_steps=max(1, math.ceil(tc.epochs * len(train) / per_step)))
+        cfg = dataclasses.replace(cfg, rm=tc)
 
     if info.is_main:
         adopt_tokenizer(source.parent / "tokenizer", run_dir)

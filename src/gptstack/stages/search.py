@@ -52,9 +52,8 @@ from ..config import Config
 from ..data.formats import check_answer, extract_final_answer, read_dataset
 from ..engine import generate
 from ..eval.protocol import wilson_interval
-from ..model.heads import load_scalar_model, scalar_kind
+from ..rundir import check_same_tokenizer, check_vocab, load_scalar_model, load_stage, scalar_kind, write_config
 from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..train.checkpoint import check_same_tokenizer, check_vocab, load_stage, write_config
 from ..world.gold import _canonical
 from .prm import AGGREGATIONS, aggregate, head_logits, render_response
 

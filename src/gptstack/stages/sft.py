@@ -28,7 +28,7 @@ from ..data.formats import read_dataset, warn
 from ..data.packing import attention_pair_cost, cheapest_packing
 from ..eval import protocol
 from ..tokenizer import Tokenizer
-from ..train.checkpoint import adopt_tokenizer, load_stage
+from ..rundir import adopt_model, adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -106,7 +106,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
     stage_dir = run_dir / STAGE
     tok_dir = source.parent / "tokenizer"
     model, source_cfg, tok = load_stage(source, info.device)
-    cfg.model = source_cfg.model  # the architecture is the pretrained model's, whatever the recipe says
+    cfg = adopt_model(cfg, source_cfg)  # the architecture is the pretrained model's, whatever the recipe says
 
     # --- data: read and validate everything before any training ---------------------------------
     conversations, counts = load_conversations(data, cfg, skip_bad_rows)

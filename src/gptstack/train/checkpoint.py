@@ -1,4 +1,5 @@
-"""Checkpoints (atomic, resumable) and final weights (safetensors + config.json).
+"""Checkpoints (atomic, resumable): the training core's own state. The final weights, configs and
+tokenizers of the run directory are rundir.py's.
 
 A checkpoint is one file, `<stage>/checkpoint/state.pt`: weights, optimizer state, RNG states,
 step (which is also the data position: batches are a function of the step) and the config. It is
@@ -8,17 +9,14 @@ during the write leaves the last good checkpoint intact.
 from __future__ import annotations
 
 import io
-import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
-from ..common import NonFiniteWeights, UserError, atomic_write_bytes, atomic_write_json, remove_stale_temps
+from ..common import UserError, atomic_write_bytes
+from ..rundir import check_finite
 
 CHECKPOINT = "checkpoint/state.pt"
 
@@ -38,14 +36,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(state_dict: dict, what: str) -> None:
-    """Refuse to save weights holding NaN/inf: a later resume would start from them."""
-    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteWeights(f"{what}: {len(bad)} weight tensors hold NaN/inf ({', '.join(bad[:3])}"
-                               f"{', ...' if len(bad) > 3 else ''}); not saved, the files on disk are unchanged")
-
-
 def save_checkpoint(stage_dir: Path, model_state: dict, optimizer_state: dict, step: int, config: dict,
                     extra: dict | None = None) -> None:
     check_finite(model_state, f"{Path(stage_dir) / CHECKPOINT} (step {step})")
@@ -63,148 +53,3 @@ def load_checkpoint(stage_dir: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated file cannot come from our writer; say so rather than crash
         raise UserError(f"{path}: unreadable checkpoint ({e}); pass --fresh to start over") from None
-
-
-def save_model(stage_dir: Path, state_dict: dict, config: dict, metadata: dict | None = None) -> None:
-    """model.safetensors + config.json (the full resolved config) in `stage_dir`. `metadata`:
-    extra string entries in the safetensors header (model/heads.py records its head kind there)."""
-    stage_dir = Path(stage_dir)
-    check_finite(state_dict, str(stage_dir / "model.safetensors"))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    # safetensors refuses shared storage (tied embeddings): store the tied tensor once
-    if "lm_head.weight" in tensors and "tok_emb.weight" in tensors and \
-            state_dict["lm_head.weight"].data_ptr() == state_dict["tok_emb.weight"].data_ptr():
-        del tensors["lm_head.weight"]
-    data = safetensors_bytes(tensors, metadata={"format": "pt", "producer": "gptstack", **(metadata or {})})
-    atomic_write_bytes(stage_dir / "model.safetensors", stable_header(data))
-    write_config(stage_dir, config)
-
-
-def stable_header(data: bytes) -> bytes:
-    """safetensors writes its metadata in hash-map order, which differs between processes: sort
-    it, so equal tensors give equal bytes (a checksum then says "changed" only when something did)."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
-
-
-def write_config(stage_dir: Path, config: dict) -> None:
-    """A stage's config.json, stamped with the identity of its run's tokenizer (`<stage>/../tokenizer`),
-    so loading the stage with another tokenizer is refused (load_stage)."""
-    from ..tokenizer.tokenizer import stored_identity
-
-    if (identity := stored_identity(Path(stage_dir).parent / "tokenizer")) is not None:
-        config = {**config, "tokenizer": {**config.get("tokenizer", {}), "identity": identity}}
-    atomic_write_json(Path(stage_dir) / "config.json", config)
-
-
-def check_tokenizer_identity(stage_dir: Path, cfg) -> None:
-    """Refuse a stage whose run's tokenizer is not the one it was trained with (same size, other
-    merges: every id would silently mean another string)."""
-    from ..tokenizer.tokenizer import stored_identity
-
-    tok_dir = Path(stage_dir).parent / "tokenizer"
-    found = stored_identity(tok_dir)
-    if cfg.tokenizer.identity and found is not None and found != cfg.tokenizer.identity:
-        raise UserError(f"{stage_dir}: trained with tokenizer {cfg.tokenizer.identity[:19]}, but {tok_dir} is "
-                        f"{found[:19]}; put the run's own tokenizer back (or retrain with --fresh)")
-
-
-def adopt_tokenizer(source_dir: Path, run_dir: Path) -> None:
-    """Give `run_dir` the tokenizer of `source_dir` (a source stage's run), so later stages find it
-    in RUN/tokenizer. An existing, different tokenizer there is never overwritten: the run's
-    other stages were trained with it."""
-    import shutil
-    import tempfile
-
-    from ..tokenizer.tokenizer import stored_identity
-
-    source_dir, target = Path(source_dir), Path(run_dir) / "tokenizer"
-    if source_dir.resolve() == target.resolve():
-        return
-    want = stored_identity(source_dir)
-    if want is None:
-        raise UserError(f"{source_dir}: no tokenizer here (expected the run's tokenizer beside the source stage)")
-    have = stored_identity(target)
-    if have == want:
-        return
-    if have is not None:
-        raise UserError(f"{target} holds another tokenizer ({have[:19]}) than {source_dir} ({want[:19]}); its run's "
-                        f"stages were trained with it: write to a new run directory (--out) instead")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target.parent, ".tokenizer.*.tmp")
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=target.parent))
-    try:  # copied whole, then renamed: a kill leaves no half tokenizer
-        shutil.copytree(source_dir, tmp, dirs_exist_ok=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_model(stage_dir: str | Path, device: str = "cpu"):
-    """A stage directory -> (GPT with its weights, Config). Used by every later stage."""
-    from ..config import config_from_dict
-    from ..model.gpt import GPT
-
-    stage_dir = Path(stage_dir)
-    cfg_path, weights = stage_dir / "config.json", stage_dir / "model.safetensors"
-    if not weights.exists() or not cfg_path.exists():
-        raise UserError(f"{stage_dir}: no model here (expected model.safetensors and config.json)")
-    from ..model.heads import scalar_kind
-    if (kind := scalar_kind(stage_dir)) is not None:
-        raise UserError(f"{stage_dir}: this is a {kind} model (a scalar head), not a language model")
-    cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-    check_tokenizer_identity(stage_dir, cfg)
-    model = GPT(cfg.model)
-    state = load_file(str(weights), device=device)
-    if cfg.model.tie_embeddings:
-        state.setdefault("lm_head.weight", state["tok_emb.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), cfg
-
-
-def check_vocab(model_vocab: int, tok, where) -> None:
-    if model_vocab != tok.vocab_size:
-        raise UserError(f"{where}: the model has vocab_size {model_vocab} but the run's tokenizer has "
-                        f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
-
-
-def check_same_tokenizer(stage_a: str | Path, stage_b: str | Path) -> None:
-    """Refuse two stages whose runs' tokenizers (`<stage>/../tokenizer`) differ in ranks, special
-    tokens or pre-split pattern: token ids would mean different things to the two models (a reward
-    model scoring another tokenizer's policy, a reference model of another run)."""
-    dirs = [Path(stage_a).parent / "tokenizer", Path(stage_b).parent / "tokenizer"]
-    if dirs[0].resolve() == dirs[1].resolve():
-        return
-    found = []
-    for d in dirs:
-        path = d / "gptstack.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no tokenizer here (expected the run's tokenizer beside {d.parent})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        found.append({k: data.get(k) for k in ("ranks", "special_tokens", "pattern")})
-    differ = [k for k in ("ranks", "special_tokens", "pattern") if found[0][k] != found[1][k]]
-    if differ:
-        raise UserError(f"{stage_a} and {stage_b} use different tokenizers ({dirs[0]} and {dirs[1]} differ in "
-                        f"{', '.join(differ)}); they must come from the same run's tokenizer")
-
-
-def load_stage(stage_dir: str | Path, device: str = "cpu"):
-    """A stage directory -> (model, its Config, the run's tokenizer), checked to belong together."""
-    from ..tokenizer import Tokenizer
-
-    stage_dir = Path(stage_dir)
-    model, cfg = load_model(stage_dir, device)
-    tok = Tokenizer.load(stage_dir.parent / "tokenizer")
-    check_vocab(model.config.vocab_size, tok, stage_dir)
-    return model, cfg, tok

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from ..common import TrainingDiverged, UserError, atomic_write_json, remove_stale_temps
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, set_rng_state, write_config
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
+from ..rundir import save_model, write_config
 from .dist import DistInfo, all_reduce_mean, print0, wrap_model
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at

@@ -119,6 +119,13 @@ def answers_match(task: Task, answer_text: str | None) -> bool:
     return got is not None and got == _canonical(task.answer_kind, task.answer)
 
 
+def answer_key(task, response: str):
+    """The response's final answer in the canonical form `is_correct` compares, None when it gives
+    none: two responses with the same key give the same answer (a majority vote counts keys)."""
+    task = as_task(task)
+    return _canonical(task.answer_kind, extract_answer(response))
+
+
 def is_correct(task, response: str) -> bool:
     """Whether the response's final answer is right (the `accuracy` of the eval protocol)."""
     task = as_task(task)

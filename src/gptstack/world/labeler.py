@@ -28,7 +28,7 @@ Usage:
     labeler = Labeler.from_config(config)
     ranking = labeler.rank(task, responses, rng)            # indices, best first
     j = labeler.judge(task, responses, rng)                  # ranking + gold + utilities
-    pairs = ranking_to_pairs(ranking)                        # (better, worse) index pairs
+    pairs = ranking_pairs(ranking)       # (better, worse) index pairs: gptstack.data.comparisons
 """
 from __future__ import annotations
 
@@ -118,6 +118,3 @@ class Labeler:
         return sigmoid((ua - ub) / self.tau)
 
 
-def ranking_to_pairs(ranking: list[int]) -> list[tuple[int, int]]:
-    """All K(K-1)/2 (better, worse) pairs a K-wise ranking implies (InstructGPT-style)."""
-    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]

@@ -573,6 +573,17 @@ def task_from_prompt(prompt: str) -> Task:
     raise UserError(f"prompt: expected a task-world prompt (as `gptstack world sample` prints), got {prompt[:80]!r}")
 
 
+def task_from_messages(messages: list[dict]) -> Task | None:
+    """The task a one-turn conversation (one user message) states, or None: more turns, another
+    role, or a prompt that is not a world prompt (real data)."""
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        return None
+    try:
+        return task_from_prompt(messages[0]["content"])
+    except UserError:
+        return None
+
+
 def as_task(task_or_prompt) -> Task:
     """A Task, a prompt string, or a dict with a "prompt" key -> Task."""
     if isinstance(task_or_prompt, Task):

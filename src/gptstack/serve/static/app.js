@@ -337,6 +337,12 @@ async function start() {
   fillStages($("chat-stage"), lms, info.default_stage);
   fillStages($("compare-a"), lms, lms.includes("sft") ? "sft" : lms[0]);
   fillStages($("compare-b"), lms, info.default_stage);
+  // the sampling inputs start at the config's `sampling` section (the same defaults as `gptstack chat`)
+  const d = info.sampling;
+  for (const [id, value] of [["chat-temperature", d.temperature], ["chat-top-k", d.top_k], ["chat-top-p", d.top_p],
+                             ["chat-max-new", d.max_new_tokens], ["chat-seed", d.seed],
+                             ["compare-temperature", d.temperature], ["compare-max-new", d.max_new_tokens],
+                             ["compare-seed", d.seed]]) $(id).value = value;
   $("annotator").value = localStorage.getItem("gptstack-annotator") || "";
   document.body.dataset.ready = "1";
   showView(sessionStorage.getItem("gptstack-view") || "chat");
