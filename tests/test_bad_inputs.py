@@ -25,6 +25,7 @@ from gptstack.model import GPT
 from gptstack.stages import dpo, ppo, rm, sft
 from gptstack.tokenizer import ASSISTANT_START, DEFAULT_SPECIALS, Tokenizer
 from gptstack.rundir import save_model
+from gptstack.train.sources import Prompts
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 REPO = Path(__file__).resolve().parents[1]
@@ -263,7 +264,7 @@ def test_grpo_keeps_prompts_whole(micro_run):
     cfg = build_config("micro")
     cfg.model.block_size = BLOCK
     tok = Tokenizer.load(micro_run / "tokenizer")
-    prompts = ppo.Prompts(cfg, cfg.grpo, str(BAD / "long_prompt.jsonl"), tok=tok, expect=("verifiable",))
+    prompts = Prompts(cfg, cfg.grpo, str(BAD / "long_prompt.jsonl"), tok=tok, expect=("verifiable",))
     kept = prompts.items + prompts.heldout
     assert len(kept) == 7 and not any("story" in it.messages[-1]["content"] for it in kept)
     room = BLOCK + 1 - max(cfg.grpo.max_new_tokens, cfg.eval.max_new_tokens)  # held-out rows are sampled at eval's

@@ -9,6 +9,7 @@ import torch
 
 from gptstack.common import UserError
 from gptstack.config import build_config
+from gptstack.eval.fits import fit_gain, kl_bon
 from gptstack.model.gpt import GPT
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import save_model, save_scalar_model
@@ -55,17 +56,17 @@ def test_best_of_n_table_averages_the_picks():
 
 
 def test_kl_bon_known_values():
-    assert bon.kl_bon(1) == 0.0
-    assert bon.kl_bon(2) == pytest.approx(math.log(2) - 0.5)
-    assert bon.kl_bon(64) == pytest.approx(math.log(64) - 63 / 64)
+    assert kl_bon(1) == 0.0
+    assert kl_bon(2) == pytest.approx(math.log(2) - 0.5)
+    assert kl_bon(64) == pytest.approx(math.log(64) - 63 / 64)
 
 
 def test_fit_recovers_known_coefficients():
-    d = np.sqrt([bon.kl_bon(n) for n in (2, 4, 8, 16, 32, 64)])
-    alpha, beta, r2 = bon.fit_gain(list(d), list(d * (0.5 - 0.1 * d)))
+    d = np.sqrt([kl_bon(n) for n in (2, 4, 8, 16, 32, 64)])
+    alpha, beta, r2 = fit_gain(list(d), list(d * (0.5 - 0.1 * d)))
     assert (alpha, beta, r2) == pytest.approx((0.5, 0.1, 1.0), abs=1e-9)
     noisy = d * (0.5 - 0.1 * d) + np.array([0.01, -0.02, 0.015, -0.01, 0.02, -0.015])
-    alpha, beta, r2 = bon.fit_gain(list(d), list(noisy))
+    alpha, beta, r2 = fit_gain(list(d), list(noisy))
     assert 0.4 < alpha < 0.6 and 0.0 < beta < 0.2 and 0.5 < r2 < 1.0
 
 
@@ -93,7 +94,7 @@ def test_bon_stage_summary_and_picks(tmp_path, tok):
     assert [r["n"] for r in summary["by_n"]] == [1, 2, 4, 8]
     for r in summary["by_n"]:
         assert set(r) >= {"n", "kl", "d", "proxy", "gold", "accuracy"}
-        assert r["d"] == pytest.approx(math.sqrt(bon.kl_bon(r["n"])))
+        assert r["d"] == pytest.approx(math.sqrt(kl_bon(r["n"])))
     for key in ("fit/alpha", "fit/beta"):
         assert isinstance(summary[key], float)
     assert summary["fit/r2"] is None or summary["fit/r2"] <= 1.0

@@ -11,7 +11,10 @@ import torch
 
 from gptstack.common import UserError
 from gptstack.config import build_config
+from gptstack.data.batches import batch_indices
+from gptstack.data.comparisons import ranking_pairs
 from gptstack.data.formats import read_dataset
+from gptstack.data.split import is_heldout
 from gptstack.engine.rollout import sequence_logprobs, summed_logprobs
 from gptstack.model import GPT, GPTConfig
 from gptstack.stages import dpo
@@ -143,9 +146,9 @@ def test_ranking_rows_give_all_pairs_with_each_response_encoded_once(tok, tmp_pa
 
 
 def test_pair_modes_of_a_ranking(tok, tmp_path):
-    assert dpo.ranking_pairs([2, 0, 3, 1], "all") == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
-    assert dpo.ranking_pairs([2, 0, 3, 1], "best_vs_rest") == [(2, 0), (2, 3), (2, 1)]
-    assert dpo.ranking_pairs([2, 0, 3, 1], "best_worst") == [(2, 1)]
+    assert ranking_pairs([2, 0, 3, 1], "all") == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
+    assert ranking_pairs([2, 0, 3, 1], "best_vs_rest") == [(2, 0), (2, 3), (2, 1)]
+    assert ranking_pairs([2, 0, 3, 1], "best_worst") == [(2, 1)]
     row = {"prompt": "What is 2 + 3?", "responses": ["a", "The answer is 5.", "b", "The answer is 6."],
            "ranking": [1, 0, 2, 3], "ended": [True, True, True, False]}
     ds = read_dataset(write_jsonl(tmp_path / "r.jsonl", [row]))
@@ -169,13 +172,17 @@ def test_long_prompts_lose_their_oldest_turns_and_pairs_that_cannot_fit_are_coun
 
 
 def test_heldout_split_is_by_prompt_and_batches_cover_each_pair_once_per_epoch():
-    data = dpo.Pairs([], [], np.arange(40).reshape(20, 2), np.repeat(np.arange(5), 4))
-    train, heldout = dpo.split_heldout(data, 0.2, seed=0)
-    assert len(heldout) == 4 and set(data.group[train]).isdisjoint(data.group[heldout])
-    seen = np.concatenate([dpo.batch_pairs(train, 4, 0, step, 0, grad_accum=1) for step in range(4)])
+    rows = [{"prompt": [{"role": "user", "content": f"q{i % 25}"}]} for i in range(50)]   # each prompt in two rows
+    data = dpo.Pairs([], [], np.arange(200).reshape(100, 2), np.repeat(np.arange(50), 2))
+    train, heldout = dpo.split_heldout(data, rows, 0.2)
+    text = lambda pairs: {rows[g]["prompt"][0]["content"] for g in data.group[pairs]}  # noqa: E731
+    assert text(heldout) == {r["prompt"][0]["content"] for r in rows if is_heldout(r["prompt"], 0.2)}
+    assert text(heldout) and text(heldout).isdisjoint(text(train))   # a repeated prompt stays on its side
+    epoch = len(train) // 2
+    seen = np.concatenate([train[batch_indices(len(train), 2, 0, step)] for step in range(epoch)])
     assert sorted(seen.tolist()) == sorted(train.tolist())  # one epoch = every train pair once
-    again = dpo.batch_pairs(train, 4, 0, 2, 0, grad_accum=1)
-    assert again.tolist() == seen[8:12].tolist()  # a function of the step: resumable
+    again = train[batch_indices(len(train), 2, 0, 2)]
+    assert again.tolist() == seen[4:6].tolist()  # a function of the step: resumable
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -268,9 +275,10 @@ def test_rpo_adds_the_chosen_responses_nll_per_token(tok, tmp_path):
     (first,) = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
                 if '"nll_loss"' in line]
     # by hand: the step-0 batch's chosen responses, scored by the SFT model token by token
-    data, _ = dpo.encode_pairs(tok, read_dataset(tmp_path / "prefs.jsonl"), cfg.model.block_size)
-    train, _ = dpo.split_heldout(data, cfg.dpo.heldout_fraction, cfg.dpo.seed)
-    chosen = data.pairs[dpo.batch_pairs(train, cfg.dpo.batch_size, cfg.dpo.seed, 0, 0, 1), 0]
+    ds = read_dataset(tmp_path / "prefs.jsonl")
+    data, _ = dpo.encode_pairs(tok, ds, cfg.model.block_size)
+    train, _ = dpo.split_heldout(data, ds.rows, cfg.dpo.heldout_fraction)
+    chosen = data.pairs[train[batch_indices(len(train), cfg.dpo.batch_size, cfg.dpo.seed, 0, 0, 1)], 0]
     sft, _ = load_model(policy)
     token_logps = []
     for s in chosen:

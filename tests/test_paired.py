@@ -1,4 +1,4 @@
-"""The paired comparison of two policies on the same eval prompts (eval/protocol.py: paired_comparison):
+"""The paired comparison of two policies on the same eval prompts (eval/stats.py: paired_comparison):
 hand-counted b and c, McNemar's exact p worked out by hand, Newcombe's method-10 interval recomputed
 step by step from its formula, and the properties any such interval must have."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from gptstack.eval.protocol import paired_comparison
+from gptstack.eval.stats import paired_comparison
 
 Z = 1.959964
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from gptstack.common import UserError
 from gptstack.config import Config, build_config
+from gptstack.eval.fits import fit_gao_rl
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import save_model, save_scalar_model
@@ -119,7 +120,7 @@ def test_gao_rl_fit_recovers_known_coefficients():
     alpha, beta, base = 0.8, 0.5, 0.3
     points = [{"d": 0.0, "gold": base}] + [
         {"d": d, "gold": base + d * (alpha - beta * math.log(d))} for d in (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
-    fit = ppo.fit_gao_rl(points)
+    fit = fit_gao_rl(points)
     assert fit["fit/alpha"] == pytest.approx(alpha) and fit["fit/beta"] == pytest.approx(beta)
     assert fit["fit/r2"] == pytest.approx(1.0)
     assert fit["fit/peak_d"] == pytest.approx(math.exp(alpha / beta - 1))
@@ -136,7 +137,8 @@ def test_grpo_runs_on_a_gsm8k_file_and_reports_answer_accuracy(tmp_path, shared_
                "--set", "grpo.max_new_tokens=16", "--set", "eval.max_new_tokens=16", "--set", "grpo.threads=1"])
     assert rc == 0
     summary = json.loads((tmp_path / "grpo/summary.json").read_text())
-    assert summary["eval/n_prompts"] == 4 and 0 <= summary["eval/accuracy"] <= 1    # the last 10 % held out
+    # about 10 % held out by a hash of the prompt (data/split.py): 4 of these 40
+    assert summary["eval/n_prompts"] == 4 and 0 <= summary["eval/accuracy"] <= 1
     assert summary["reward"] == "answer"
     rows = [json.loads(line) for line in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
     assert "frac_reward_zero_std" in rows[0]   # a random policy answers nothing right: every group has zero spread

@@ -11,6 +11,8 @@ from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.data.formats import read_dataset
 from gptstack.engine.sampling import Completion
+from gptstack.engine import scoring
+from gptstack.eval import stats
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import load_scalar_model, save_model
@@ -40,32 +42,32 @@ def make_sft_run(run, tok, seed=0):
 
 
 def test_response_steps_are_lines_and_know_a_cut_last_step():
-    assert prm.response_steps("3 * 4 = 12.\n5 + 12 = 17.\nThe answer is 17.") == (
+    assert scoring.response_steps("3 * 4 = 12.\n5 + 12 = 17.\nThe answer is 17.") == (
         ["3 * 4 = 12.", "5 + 12 = 17.", "The answer is 17."], False)
-    assert prm.response_steps("  3 * 4 = 12. \n\n5 + 1") == (["3 * 4 = 12.", "5 + 1"], False)
-    assert prm.response_steps("3 * 4 = 12.\n") == (["3 * 4 = 12."], True)
-    assert prm.response_steps("\n \n") == ([], False)
+    assert scoring.response_steps("  3 * 4 = 12. \n\n5 + 1") == (["3 * 4 = 12.", "5 + 1"], False)
+    assert scoring.response_steps("3 * 4 = 12.\n") == (["3 * 4 = 12."], True)
+    assert scoring.response_steps("\n \n") == ([], False)
 
 
 def test_render_reads_each_step_at_its_last_token(tok):
     prompt = tok.render_prompt([{"role": "user", "content": "What is 5 + 3 * 4?"}])
     steps = ["3 * 4 = 12.", "5 + 12 = 17.", "The answer is 17."]
     end = tok.special(ASSISTANT_END)
-    r = prm.render_steps(tok, prompt, steps, ended=True)
+    r = scoring.render_steps(tok, prompt, steps, ended=True)
     assert r.ids == prompt + tok.encode("3 * 4 = 12.\n5 + 12 = 17.\nThe answer is 17.") + [end]
     # step k ends with its newline; the final step of an ended response at <|assistant_end|>
     assert tok.decode(r.ids[len(prompt) : r.ends[0] + 1]) == "3 * 4 = 12.\n"
     assert tok.decode(r.ids[r.ends[0] + 1 : r.ends[1] + 1]) == "5 + 12 = 17.\n"
     assert r.ends[2] == len(r.ids) - 1 and r.ids[-1] == end and r.complete == 3
     # a response cut inside its last step: that step is not complete (search does not score it)
-    cut = prm.render_response(tok, prompt, "3 * 4 = 12.\n5 + 1", ended=False)
+    cut = scoring.render_response(tok, prompt, "3 * 4 = 12.\n5 + 1", ended=False)
     assert cut.complete == 1 and len(cut.ends) == 2 and cut.ends[1] == len(cut.ids) - 1
     assert tok.decode(cut.ids[len(prompt):]) == "3 * 4 = 12.\n5 + 1"
     # cut right after a newline: every step is complete, the last one read at its newline
-    whole = prm.render_response(tok, prompt, "3 * 4 = 12.\n", ended=False)
+    whole = scoring.render_response(tok, prompt, "3 * 4 = 12.\n", ended=False)
     assert whole.complete == 1 and tok.decode([whole.ids[whole.ends[0]]]).endswith("\n")
     # no step at all: one empty step at the last token
-    assert prm.render_steps(tok, prompt, [], ended=True).ends == [len(prompt)]
+    assert scoring.render_steps(tok, prompt, [], ended=True).ends == [len(prompt)]
 
 
 def test_checker_labels_first_error_and_lines_with_two_steps():
@@ -133,32 +135,32 @@ def test_monte_carlo_labels_with_the_engine(tok):
 
 
 def test_aggregation_on_fixed_scores():
-    assert prm.aggregate([0.9, 0.5, 0.8], "min") == 0.5
-    assert prm.aggregate([0.9, 0.5, 0.8], "product") == pytest.approx(0.36)
-    assert prm.aggregate([], "min") == 0.0
+    assert scoring.aggregate([0.9, 0.5, 0.8], "min") == 0.5
+    assert scoring.aggregate([0.9, 0.5, 0.8], "product") == pytest.approx(0.36)
+    assert scoring.aggregate([], "min") == 0.0
     # min and product can rank two responses differently: a long sure chain vs a short doubtful one
     long_sure, short = [0.7] * 4, [0.5]
-    assert prm.aggregate(long_sure, "min") > prm.aggregate(short, "min")
-    assert prm.aggregate(long_sure, "product") < prm.aggregate(short, "product")
+    assert scoring.aggregate(long_sure, "min") > scoring.aggregate(short, "min")
+    assert scoring.aggregate(long_sure, "product") < scoring.aggregate(short, "product")
     with pytest.raises(ValueError):
-        prm.aggregate([0.5], "mean")
+        scoring.aggregate([0.5], "mean")
 
 
 def test_auroc_known_values():
-    assert prm.auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert prm.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
-    assert prm.auroc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
+    assert stats.auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert stats.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert stats.auroc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
     # by hand: pairs (pos, neg) = (0.4, 0.1) win, (0.4, 0.6) lose, (0.7, 0.1) win, (0.7, 0.6) win -> 3/4
-    assert prm.auroc([0.1, 0.4, 0.6, 0.7], [0, 1, 0, 1]) == 0.75
-    assert prm.auroc([0.3, 0.3, 0.1], [1, 0, 0]) == 0.75  # the tie counts one half
-    assert prm.auroc([0.1, 0.2], [1, 1]) is None
+    assert stats.auroc([0.1, 0.4, 0.6, 0.7], [0, 1, 0, 1]) == 0.75
+    assert stats.auroc([0.3, 0.3, 0.1], [1, 0, 0]) == 0.75  # the tie counts one half
+    assert stats.auroc([0.1, 0.2], [1, 1]) is None
     # within prompts only: prompt "a" ranks its pair right, prompt "b" wrong -> 1/2; the overall AUROC
     # also counts the pairs across prompts (0.9 > 0.6, 0.5 > 0.2) -> 3/4
     scores, labels = [0.9, 0.2, 0.5, 0.6], [1, 0, 1, 0]
-    assert prm.within_group_auroc(scores, labels, ["a", "a", "b", "b"]) == 0.5
-    assert prm.auroc(scores, labels) == 0.75
-    assert prm.within_group_auroc([0.9, 0.8, 0.3], [1, 0, 1], ["a", "a", "b"]) == 1.0
-    assert prm.within_group_auroc([0.9, 0.3], [1, 0], ["a", "b"]) is None
+    assert stats.within_group_auroc(scores, labels, ["a", "a", "b", "b"]) == 0.5
+    assert stats.auroc(scores, labels) == 0.75
+    assert stats.within_group_auroc([0.9, 0.8, 0.3], [1, 0, 1], ["a", "a", "b"]) == 1.0
+    assert stats.within_group_auroc([0.9, 0.3], [1, 0], ["a", "b"]) is None
 
 
 # --- TRL stepwise rows ----------------------------------------------------------------------------
@@ -245,9 +247,9 @@ def test_prm_learns_step_labels(tok, tmp_path):
     model = ScalarModel.from_policy(GPT(cfg.model), kind="prm")
     prm._train(cfg, model, tmp_path / "prm", None, examples, outcome=False, info=DistInfo(), name="prm")
     model.eval()
-    probs = prm.head_logits(model, [e.ids.tolist() for e in examples], [e.ends for e in examples])
+    probs = scoring.head_logits(model, [e.ids.tolist() for e in examples], [e.ends for e in examples])
     flat = [(torch.sigmoid(torch.tensor(v)).item(), y) for vals, e in zip(probs, examples) for v, y in zip(vals, e.labels)]
-    assert prm.auroc([p for p, _ in flat], [y for _, y in flat]) > 0.95
+    assert stats.auroc([p for p, _ in flat], [y for _, y in flat]) > 0.95
     assert sum((p > 0.5) == (y > 0.5) for p, y in flat) / len(flat) > 0.9
 
 

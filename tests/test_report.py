@@ -11,7 +11,7 @@ import pytest
 
 from gptstack.cli import main
 from gptstack.common import UserError
-from gptstack.eval.protocol import paired_comparison, wilson_interval
+from gptstack.eval.stats import paired_comparison, wilson_interval
 from gptstack.report import ReportConfig, write_report
 from gptstack.report.card import STAGES, series
 from gptstack.world import STYLES

@@ -9,8 +9,8 @@ from gptstack.engine import generate
 from gptstack.engine.rollout import make_batch, rollout, sequence_logprobs, token_logprobs, token_values
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel
-from gptstack.train.rl import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae,
-                               group_advantages, masked_whiten, per_token_rewards, rloo_advantages)
+from gptstack.train.rl import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
+                               gae, group_advantages, masked_whiten, per_token_rewards, rloo_advantages)
 
 
 def _gae_reference(rewards, values, length, gamma, lam):
@@ -96,6 +96,16 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
     assert fixed.update(100.0, 256) == 0.05
     with pytest.raises(ValueError):
         AdaptiveKLController(-0.1)
+
+
+def test_explained_variance_by_hand():
+    values = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 2.0, 9.0], [5.0, 9.0, 9.0]])   # the 9s are padding
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # real returns 1, 2, 5: variance 78/27; residuals 0, 0, 2: variance 24/27
+    assert explained_variance(values, returns, mask) == pytest.approx(1 - 24 / 78)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)          # a perfect critic
+    assert explained_variance(values, torch.full_like(returns, 3.0), mask) is None   # returns that do not vary
 
 
 def test_group_and_rloo_advantages_hand_computed():

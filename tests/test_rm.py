@@ -11,6 +11,11 @@ import torch
 
 from gptstack.common import UserError
 from gptstack.config import build_config
+from gptstack.data.batches import batch_indices
+from gptstack.data.comparisons import distinct_pairs, load_preferences
+from gptstack.data.split import is_heldout
+from gptstack.engine.scoring import likelihood_scores, render_for_rm
+from gptstack.eval.stats import preference_metrics, rankdata, spearman
 from gptstack.model.gpt import GPT
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import check_same_tokenizer, load_scalar_model, save_model
@@ -66,7 +71,7 @@ def test_bradley_terry_loss_equals_the_hand_computed_value():
 
 def test_kwise_ranking_gives_all_pairs_and_one_pass_per_response():
     row = {"prompt": [{"role": "user", "content": "p"}], "responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1]}
-    pairs, identical = rm_stage.ranking_pairs(row)
+    pairs, identical = distinct_pairs(row)
     assert identical == 0 and len(pairs) == math.comb(4, 2)
     assert set(pairs) == {(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)}
     items = [{"seqs": [[1], [2], [3], [4]], "pairs": pairs}, {"seqs": [[5], [6]], "pairs": [(1, 0)]}]
@@ -77,17 +82,17 @@ def test_kwise_ranking_gives_all_pairs_and_one_pass_per_response():
 
 def test_identical_responses_are_not_a_pair():
     row = {"prompt": [], "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}
-    assert rm_stage.ranking_pairs(row) == ([(0, 1), (1, 2)], 1)
+    assert distinct_pairs(row) == ([(0, 1), (1, 2)], 1)
     # the same text, one ended and one cut off, is a real difference
     row["ended"] = [True, True, False]
-    assert rm_stage.ranking_pairs(row) == ([(0, 1), (0, 2), (1, 2)], 0)
+    assert distinct_pairs(row) == ([(0, 1), (0, 2), (1, 2)], 0)
 
 
 def test_batches_are_epochs_of_shuffles_and_resume_exactly():
-    first = [rm_stage.batch_rows(10, 4, seed=0, step=s) for s in range(5)]
+    first = [batch_indices(10, 4, seed=0, step=s).tolist() for s in range(5)]
     flat = [i for b in first for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert rm_stage.batch_rows(10, 4, seed=0, step=3) == first[3]  # a function of the step alone
+    assert batch_indices(10, 4, seed=0, step=3).tolist() == first[3]  # a function of the step alone
 
 
 # --- rendering and the score ---------------------------------------------------------------------
@@ -97,9 +102,9 @@ def test_render_for_rm_appends_the_end_token_only_when_the_response_ended(tok):
     prompt = [{"role": "user", "content": "what is 2 + 3?"}]
     ids = tok.render_prompt(prompt)
     end = tok.special(ASSISTANT_END)
-    assert rm_stage.render_for_rm(tok, prompt, "The answer is 5.", True, 100) == ids + tok.encode("The answer is 5.") + [end]
-    assert rm_stage.render_for_rm(tok, ids, tok.encode("5"), False, 100) == ids + tok.encode("5")
-    long = rm_stage.render_for_rm(tok, prompt, "yes indeed " * 20, True, 16)
+    assert render_for_rm(tok, prompt, "The answer is 5.", True, 100) == ids + tok.encode("The answer is 5.") + [end]
+    assert render_for_rm(tok, ids, tok.encode("5"), False, 100) == ids + tok.encode("5")
+    long = render_for_rm(tok, prompt, "yes indeed " * 20, True, 16)
     assert len(long) == 16 and long[-1] == end  # the prompt's oldest tokens go, never the end
 
 
@@ -127,7 +132,7 @@ def test_load_preferences_pairs_rankings_directories_and_bad_rows(tmp_path):
         {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},       # identical: skipped, counted
         {"prompt": "Hi", "chosen": " ", "rejected": "Go away."},       # empty response: skipped, counted
     ])
-    rows, counts = rm_stage.load_preferences(pairs)
+    rows, counts = load_preferences(pairs)
     assert rows == [{"prompt": [{"role": "user", "content": "Hi"}], "responses": ["Hello.", "Go away."], "ranking": [0, 1]}]
     assert counts["data/skipped/chosen_equals_rejected"] == 1 and counts["data/skipped/empty_final_assistant_turn"] == 1
 
@@ -135,23 +140,25 @@ def test_load_preferences_pairs_rankings_directories_and_bad_rows(tmp_path):
               "ranking": [0, 1], "ended": [True, False], "gold": [1.0, 0.04], "family": "arithmetic"}
     (tmp_path / "run" / "prefs").mkdir(parents=True)
     write_jsonl(tmp_path / "run" / "prefs" / "prefs.jsonl", [ranked])
-    rows, _ = rm_stage.load_preferences(tmp_path / "run" / "prefs")
+    rows, _ = load_preferences(tmp_path / "run" / "prefs")
     assert rows == [{k: ranked[k] for k in ("prompt", "responses", "ranking", "ended", "gold")}]  # extras kept
 
     ties = write_jsonl(tmp_path / "ties.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0, 1], 2]}])
     with pytest.raises(UserError, match=r"ties.jsonl:1: ranking: .*ties cannot be expressed"):
-        rm_stage.load_preferences(ties)
+        load_preferences(ties)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "gold": [1]}])
     with pytest.raises(UserError, match=r"bad.jsonl:1: gold: expected a list of 2 numbers"):
-        rm_stage.load_preferences(bad)
+        load_preferences(bad)
     with pytest.raises(UserError, match="no prefs.jsonl here"):
-        rm_stage.load_preferences(tmp_path)
+        load_preferences(tmp_path)
 
 
 def test_load_preferences_reads_a_feedback_store(tmp_path, monkeypatch):
     expected = ([{"prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"], "ranking": [1, 0]}], {"data/rows": 1})
-    monkeypatch.setattr(rm_stage, "read_feedback", lambda path: expected)
-    assert rm_stage.load_preferences(tmp_path / "feedback.sqlite") == expected
+    from gptstack.data import comparisons
+
+    monkeypatch.setattr(comparisons, "read_feedback", lambda path: expected)
+    assert load_preferences(tmp_path / "feedback.sqlite") == expected
 
 
 def test_check_same_tokenizer_refuses_different_tokenizers(tmp_path, tok):
@@ -167,10 +174,10 @@ def test_check_same_tokenizer_refuses_different_tokenizers(tmp_path, tok):
 
 
 def test_spearman_with_ties_matches_known_values():
-    assert rm_stage.rankdata([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]
-    assert rm_stage.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)    # 1 - 6*2/(4*15)
-    assert rm_stage.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert rm_stage.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert rankdata([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)    # 1 - 6*2/(4*15)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
 def test_preference_metrics_on_a_hand_made_example():
@@ -182,7 +189,7 @@ def test_preference_metrics_on_a_hand_made_example():
     ]
     scores = [[3.0, 1.0, 2.0], [0.0, 0.0]]
     correct = [[True, False, False], None]
-    m = rm_stage.preference_metrics(rows, scores, correct)
+    m = preference_metrics(rows, scores, correct)
     # label pairs: (0,1) yes, (0,2) yes, (1,2) no (1 < 2), (1,0) of row 2 a tie (1/2) -> 2.5 / 4
     assert m["eval/accuracy"] == pytest.approx(2.5 / 4)
     assert m["eval/pairs"] == 4
@@ -190,14 +197,14 @@ def test_preference_metrics_on_a_hand_made_example():
     assert m["eval/correct_vs_wrong_accuracy"] == 1.0 and m["eval/correct_vs_wrong_pairs"] == 2
     assert m["eval/labeler_gold_agreement"] == pytest.approx(2 / 3)
     assert m["eval/gold_pair_accuracy"] == pytest.approx(3 / 3)   # the RM orders all three as gold does
-    assert m["eval/gold_spearman"] == pytest.approx(rm_stage.spearman([3, 1, 2, 0, 0], [1.0, 0.1, 0.2, 0.5, 0.5]))
+    assert m["eval/gold_spearman"] == pytest.approx(spearman([3, 1, 2, 0, 0], [1.0, 0.1, 0.2, 0.5, 0.5]))
 
 
 def test_heldout_split_is_by_prompt_and_stable():
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(2000)]
-    held = [rm_stage.is_heldout(p, 0.1) for p in prompts]
+    held = [is_heldout(p, 0.1) for p in prompts]
     assert 0.07 < sum(held) / len(held) < 0.13
-    assert held == [rm_stage.is_heldout(p, 0.1) for p in prompts]
+    assert held == [is_heldout(p, 0.1) for p in prompts]
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -229,8 +236,8 @@ def test_rm_learns_a_toy_preference_and_normalises_on_the_policy(tmp_path, tok):
     from gptstack.rundir import load_stage
 
     policy, _, tok2 = load_stage(run / "sft")
-    rows, _ = rm_stage.load_preferences(tmp_path / "toy.jsonl")
-    train_prompts = [r["prompt"] for r in rows if not rm_stage.is_heldout(r["prompt"], cfg.rm.eval_fraction)]
+    rows, _ = load_preferences(tmp_path / "toy.jsonl")
+    train_prompts = [r["prompt"] for r in rows if not is_heldout(r["prompt"], cfg.rm.eval_fraction)]
     mean, std = rm_stage.normalization(rm, policy, tok2, train_prompts, cfg.rm, cfg.rm.seed)
     assert mean == pytest.approx(0.0, abs=1e-4) and std == pytest.approx(1.0, abs=1e-4)
     # rerunning a finished stage resumes (nothing left to train) and keeps the figures
@@ -270,10 +277,10 @@ def hh_rows(n):
 
 def test_rm_on_hh_rlhf_transcripts_through_the_chat_template(tmp_path, tok):
     path = write_jsonl(tmp_path / "hh.jsonl.gz", hh_rows(80), gz=True)
-    rows, counts = rm_stage.load_preferences(path)
+    rows, counts = load_preferences(path)
     assert counts["data/skipped/chosen_equals_rejected"] == 1
     assert [m["role"] for m in rows[0]["prompt"]] == ["user", "assistant", "user"]
-    seq = rm_stage.render_for_rm(tok, rows[0]["prompt"], rows[0]["responses"][0], True, 500)
+    seq = render_for_rm(tok, rows[0]["prompt"], rows[0]["responses"][0], True, 500)
     specials = [t for t in seq if t in (tok.special(USER_START), tok.special(ASSISTANT_START), tok.special(ASSISTANT_END))]
     assert specials == [tok.special(USER_START), tok.special(ASSISTANT_START), tok.special(ASSISTANT_END),
                         tok.special(USER_START), tok.special(ASSISTANT_START), tok.special(ASSISTANT_END)]
@@ -313,7 +320,7 @@ def test_likelihood_scores_are_the_policys_mean_logprob_per_token(tok):
     policy = GPT(cfg.model).eval()
     row = {"prompt": [{"role": "user", "content": "what is 2 + 3?"}], "responses": ["The answer is 5.", "no"],
            "ranking": [0, 1], "ended": [True, False]}
-    (got,) = rm_stage.likelihood_scores(policy, tok, [{"row": row}])
+    (got,) = likelihood_scores(policy, tok, [row])
     p = tok.render_prompt(row["prompt"])
     for value, r in zip(got, [tok.encode("The answer is 5.") + [tok.special(ASSISTANT_END)], tok.encode("no")]):
         logp = torch.log_softmax(policy(torch.tensor([p + r]))[0], -1)

@@ -10,6 +10,7 @@ import torch
 from gptstack import world
 from gptstack.common import UserError
 from gptstack.config import build_config
+from gptstack.engine import step_search
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import save_model, save_scalar_model
@@ -59,14 +60,14 @@ def test_plan_round_never_plans_past_the_budget():
         for expand in (1, 2, 4):
             for remaining in (0, 1, 3, 15, 16, 17, 40, 63, 64, 65, 200, 5000):
                 for step in (1, 8, 16):
-                    counts, cap = search.plan_round(beams, expand, remaining, step)
+                    counts, cap = step_search.plan_round(beams, expand, remaining, step)
                     assert sum(counts) * cap <= remaining
                     assert len(counts) <= beams and all(1 <= c <= expand for c in counts)
                     assert (remaining > 0) == bool(counts)  # any budget left is used
                     if remaining >= beams * expand * step:  # enough for a full round: every beam expands
                         assert counts == [expand] * beams and cap == step
-    assert search.plan_round(4, 4, 100, 16) == ([4, 2], 16)  # fewer children, the best beams first
-    assert search.plan_round(4, 4, 10, 16) == ([1], 10)
+    assert step_search.plan_round(4, 4, 100, 16) == ([4, 2], 16)  # fewer children, the best beams first
+    assert step_search.plan_round(4, 4, 10, 16) == ([1], 10)
 
 
 def test_prm_search_never_exceeds_its_budget(tok, monkeypatch):
@@ -77,7 +78,7 @@ def test_prm_search_never_exceeds_its_budget(tok, monkeypatch):
     tasks = world.train_tasks(6, seed=1, families=["arithmetic"])
     prompts = [tok.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks]
     generated = []
-    real_generate = search.generate
+    real_generate = step_search.generate
 
     def counting_generate(model, prefixes, max_new_tokens, **kw):
         out = real_generate(model, prefixes, max_new_tokens, **kw)
@@ -87,13 +88,13 @@ def test_prm_search_never_exceeds_its_budget(tok, monkeypatch):
             assert all(len(c.tokens) <= max_new_tokens for c in samples)
         return out
 
-    monkeypatch.setattr(search, "generate", counting_generate)
+    monkeypatch.setattr(step_search, "generate", counting_generate)
     sc = build_config("tiny", sets=["search.step_tokens=8", "search.max_new_tokens=40"]).search
     # distinct prompts, so the engine's rows can be traced back to the prompt they belong to
     assert len({tuple(p) for p in prompts}) == len(prompts)
     for n, budgets in ((1, [0, 1, 7, 8, 30, 200]), (4, [5, 16, 33, 64, 100, 500]), (8, [0, 9, 50, 120, 300, 1000])):
         generated.clear()
-        chosen, used = search.prm_search(policy, verifier, tok, prompts, budgets, n, sc, seed=3, progress=False)
+        chosen, used = step_search.prm_search(policy, verifier, tok, prompts, budgets, n, sc, seed=3, progress=False)
         for p, budget in enumerate(budgets):
             counted = sum(k for owner, k in generated if owner == p)
             assert counted == used[p] <= budget

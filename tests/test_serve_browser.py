@@ -136,7 +136,7 @@ def test_browser_chat_compare_and_label(session):
 def test_browser_labels_train_a_reward_model(session, tmp_path):
     """label -> `gptstack rm --prefs RUN/feedback.sqlite`: the reward model trains on them end to end."""
     from gptstack.data.feedback import read_feedback
-    from gptstack.stages.rm import is_heldout
+    from gptstack.data.split import is_heldout
 
     run = tmp_path / "run"
     shutil.copytree(session["run"], run, ignore=shutil.ignore_patterns("rm", "*.log"))

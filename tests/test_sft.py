@@ -8,7 +8,7 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.engine.rollout import sequence_logprobs
-from gptstack.eval.protocol import wilson_interval
+from gptstack.eval.stats import wilson_interval
 from gptstack.stages import pretrain, sft
 from gptstack.tokenizer import ASSISTANT_END, Tokenizer
 

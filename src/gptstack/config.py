@@ -84,7 +84,7 @@ class SFTConfig(TrainConfig):
     eval_every: int = field(default=0, metadata={"range": "[0, inf)", "help": "run the eval protocol every N steps (0 = only at the end)"})
     checkpoint_every: int = field(default=200, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
     demos: int = field(default=20000, metadata={"range": "[1, inf)", "help": "world demonstrations to fine-tune on (when no --data file)"})
-    packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss, ~30 % faster on world data); false: one padded row each"})
+    packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss without computing most of its padding); false: one padded row each"})
 
 
 @dataclass
@@ -255,10 +255,8 @@ class SearchConfig:
     threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
-def _stage_names() -> tuple[str, ...]:
-    from .pipeline import STAGES  # imported when first needed: pipeline.py imports this module
-
-    return STAGES
+# The pipeline's stages, in order (pipeline.py runs them; [run.eta] keys are checked against them).
+STAGES = ("pretrain", "sft", "prefs", "rm", "bon", "ppo", "overopt", "grpo", "dpo", "prm", "search")
 
 
 @dataclass
@@ -268,7 +266,7 @@ class RunConfig:
     already run. A stage without one shows no ETA."""
 
     eta: dict[str, float] = field(default_factory=dict, metadata={
-        "range": "[0, inf)", "keys": _stage_names,
+        "range": "[0, inf)", "keys": STAGES,
         "help": "expected seconds per stage, e.g. [run.eta] sft = 490 (a stage left out: no ETA)"})
 
 
@@ -389,7 +387,7 @@ def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
         where = f"{origin}: {prefix}{key}"
         for name, f in obj.__dataclass_fields__.items():  # a key of a table one level down (run.sft: run.eta.sft)
             keys = f.metadata.get("keys")
-            if key not in types and keys is not None and key in (keys() if callable(keys) else keys):
+            if key not in types and keys is not None and key in keys:
                 raise UserError(f"{where}: no such key; did you mean {prefix}{name}.{key}?")
         _check_key(key, types, where, prefix)
         typ = types[key]
@@ -401,9 +399,8 @@ def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
             value = _coerce(value, typ, where)
             keys = obj.__dataclass_fields__[key].metadata.get("keys")
             if keys is not None:
-                valid = keys() if callable(keys) else keys
                 for k in value:
-                    _check_key(k, valid, f"{where}.{k}", f"{prefix}{key}.")
+                    _check_key(k, keys, f"{where}.{k}", f"{prefix}{key}.")
             setattr(obj, key, {**getattr(obj, key), **value})
         else:
             setattr(obj, key, _coerce(value, typ, where))

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 from .common import UserError
-from .config import Config
+from .config import STAGES, Config
 from .train.dist import print0
 
-STAGES = ("pretrain", "sft", "prefs", "rm", "bon", "ppo", "overopt", "grpo", "dpo", "prm", "search")
 
 
 def _call(stage: str, cfg: Config, run: Path) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..common import UserError, atomic_write_json, read_text_file
+from .batches import batch_indices
 from .formats import read_dataset
 
 BUILTIN_TEXTS = Path(__file__).resolve().parent / "texts"
@@ -145,8 +146,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     n_windows = len(tokens) - block_size - 1
     if n_windows < 1:
         raise UserError(f"data: {len(tokens)} tokens is shorter than one window of {block_size + 1}")
-    g = np.random.default_rng([seed, step, micro])
-    starts = g.integers(0, n_windows, size=batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+    starts = batch_indices(n_windows, batch_size, seed, step, micro, rank=rank, world=world, replace=True)
     windows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
     w = torch.from_numpy(windows)
     return w[:, :-1], w[:, 1:]

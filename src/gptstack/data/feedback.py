@@ -414,7 +414,7 @@ def export_prefs(run_dir: str | Path, out_path: str | Path, kwise: bool = False)
     label, InstructGPT-style): {"prompt": messages, "chosen": [assistant msg], "rejected": [assistant msg]}.
     kwise=True: one ranking row per label: {"prompt", "responses", "ranking", "ended"[, "gold"]}.
     Both are what `gptstack rm --prefs FILE` and `gptstack dpo --prefs FILE` read."""
-    from ..world import ranking_to_pairs
+    from .comparisons import ranking_pairs  # noqa: PLC0415 (comparisons imports this module)
 
     rows, _ = read_feedback(run_dir)
     lines = []
@@ -422,7 +422,7 @@ def export_prefs(run_dir: str | Path, out_path: str | Path, kwise: bool = False)
         if kwise:
             lines.append(row)
             continue
-        for better, worse in ranking_to_pairs(row["ranking"]):
+        for better, worse in ranking_pairs(row["ranking"]):
             lines.append({"prompt": row["prompt"],
                           "chosen": [{"role": "assistant", "content": row["responses"][better]}],
                           "rejected": [{"role": "assistant", "content": row["responses"][worse]}]})

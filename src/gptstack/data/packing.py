@@ -32,10 +32,8 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 def attention_pair_cost(n_embd: int) -> float:
     """What one attention pair costs in a training step, relative to one position's matmuls: a pair
     is ~n_embd multiply-adds, a position ~12 n_embd^2, so ~1 / (10 n_embd) once attention's lower
-    efficiency is counted. Fitted on the 1.2 M bench model (n_embd 128, 1 thread): a policy +
-    critic step on 16 world rows took 440 ms padded and 338 ms packed into 256-token rows; one
-    prompt's 8 samples 71 ms alone and 90 ms packed three to a row. SFT on tiny: 15 rows of ~105
-    tokens 190 ms a step, 7 rows of 256 tokens 209 ms."""
+    efficiency is counted (the constant fitted on padded vs packed step times of the 1.2 M bench
+    model, bench/RESULTS.md)."""
     return 1.0 / (10 * n_embd)
 
 

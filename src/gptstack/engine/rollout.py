@@ -14,8 +14,7 @@ score there); `finished` says which did. The training forwards (`token_logprobs`
 do not run over that layout: each row's prompt + response is packed with the others into rows of
 up to block_size tokens (`pack`, GPT `segments`), only the response-predicting positions reach
 the heads, and the results come back in the (B, R) layout: the same numbers without computing
-the padding (a third of a world batch's positions; the bench PPO update's training forward and
-backward 1,542 -> 1,368 ms at 1 thread).
+the padding (about a third of a world batch's positions; timings in bench/RESULTS.md).
 
 Temperature: the engine samples from softmax(logits / T) and `token_logprobs` recomputes exactly
 that distribution, so the importance ratios of the first PPO epoch are 1 (up to float rounding).

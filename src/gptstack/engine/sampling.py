@@ -37,10 +37,10 @@ traffic (weights + KV cache read once per step). The decode step (`_Decoder.forw
 model's forward written out over weights prepared once per weight version (`_Weights`): each
 RMSNorm weight folded into the matmul after it, q/k rows in RoPE-pair order so RoPE is one complex
 multiply, and on CPU the decode matmuls in MKL's packed format (>= 1 MB) or as contiguous (in, out)
-copies: fp32 `F.linear` re-packs its transposed weight on every call, 1.5-2.5x slower at 16 rows
-(bf16 `F.linear` goes to oneDNN, which is faster than either, so bf16 models use it). The
-prepared copy is cached per model until a parameter changes (in-place updates bump its version
-counter), at the price of about twice the model's matmul weights in memory. tests/test_engine.py
+copies: fp32 `F.linear` re-packs its transposed weight on every call, which makes it slower at
+decode's few rows (bf16 `F.linear` goes to oneDNN, which is faster than either, so bf16 models use it;
+figures in bench/RESULTS.md). The prepared copy is cached per model until a parameter changes
+(`_prepared`), at the price of about twice the model's matmul weights in memory. tests/test_engine.py
 checks the engine's tokens and logprobs against `GPT.forward`.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ class _Weights:
       - q and k rows in RoPE-pair order (`_interleave_halves`);
       - for the decode steps' few rows, each matmul in the layout fastest for that row count:
         on CPU MKL's packed format (or a contiguous (in, out) copy), because F.linear re-packs
-        the transposed weight on every call (1.5-2.5x slower at 16 rows).
+        the transposed weight on every call.
     """
 
     def __init__(self, model: GPT):
@@ -173,8 +173,8 @@ class _Weights:
         if self.emb.device.type != "cpu":
             self.mode = "linear"  # cuBLAS reads a transposed weight for free
         elif self.emb.dtype == torch.bfloat16:
-            # CPU bf16 F.linear runs oneDNN (AMX where the CPU has it): +7 % / +19 % tokens/s over
-            # contiguous (in, out) copies on the 1.2 M / 14.6 M bench models (2026-11-24)
+            # CPU bf16 F.linear runs oneDNN (AMX where the CPU has it), faster than contiguous
+            # (in, out) copies on both bench models
             self.mode = "linear"
         elif self.emb.dtype == torch.float32 and _mkl_packed_ok():
             self.mode = "mkl"
@@ -208,9 +208,8 @@ class _Weights:
         return self._packed[rows]
 
 
-# MKL's packed format wins for weights from ~1 MB (the 14.6 M bench model's qkv, gate_up, down:
-# +17 % tokens/s over contiguous (in, out) copies); below, its per-call overhead loses to torch.mm
-# with a contiguous (in, out) weight (the 1.2 M model: -5 %). Measured 2026-11-23, 2 threads.
+# MKL's packed format wins for weights from ~1 MB; below, its per-call overhead loses to torch.mm
+# with a contiguous (in, out) weight (the two bench models either side, bench/RESULTS.md).
 MKL_MIN_BYTES = 1 << 20
 
 
@@ -245,9 +244,9 @@ _PREPARED: "weakref.WeakKeyDictionary[GPT, tuple[tuple, _Weights]]" = weakref.We
 def _prepared(model: GPT) -> _Weights:
     """Prepared weights, reused while no parameter has changed. The key holds each tensor's pointer,
     version counter *and* its sum and norm: a fused optimizer (AdamW(fused=True), on CPU and CUDA)
-    writes parameters in place without bumping the version counter, and with a key of pointers
-    and versions alone RL sampled from the first update's weights forever. The sums read the
-    weights once (~0.2 % of a 14.6 M generation), far less than preparing them again."""
+    writes parameters in place without bumping the version counter, so a key of pointers and
+    versions alone would keep serving the weights of before the update. The sums read the weights
+    once, a small fraction of a generation and far less than preparing them again."""
     params = [p.detach() for p in model.parameters()]
     sums = torch.stack([torch.stack([p.sum(), torch.linalg.vector_norm(p)]) for p in params]).tolist()
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device, *s) for p, s in zip(params, sums))
@@ -269,8 +268,8 @@ class _Decoder:
         self.H, self.Hkv, self.hd = c.n_head, c.kv_heads, c.head_dim
         self.gqa = self.H != self.Hkv
         # (rows, slots, heads, head_dim): a step's new keys are one run per row, and SDPA reads
-        # the (rows, heads, slots, head_dim) view as fast as a contiguous one (+2-3 % tokens/s
-        # over the (rows, heads, slots, head_dim) layout on both bench models)
+        # the (rows, heads, slots, head_dim) view as fast as a contiguous one (this layout beat a
+        # head-major cache on both bench models)
         shape = (rows, length, self.Hkv, self.hd)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]

@@ -1,8 +1,8 @@
 """Reading responses with a scalar head: how a reward model, a PRM or an ORM sees a response.
 
-Reward model (stages/rm.py trains it; bon, serve and the RL stages score with it): a response's
-score is the head's output at the last real token of prompt + response, rendered with the chat
-template exactly as the policy sees it (`render_for_rm`).
+Reward model (stages/rm.py trains it, bon scores its samples with it): a response's score is the
+head's output at the last real token of prompt + response, rendered with the chat template exactly
+as the policy sees it (`render_for_rm`).
 
 Process RM (stages/prm.py trains it; search scores with it): a response's steps are its lines, and
 the PRM reads one logit per step at the step's last token: its "\\n", or <|assistant_end|> for the

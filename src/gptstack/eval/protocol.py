@@ -22,65 +22,15 @@ first blank line (the example separator of those documents).
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 from .. import world
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from .config import EvalConfig
+from .problems import cut_base_response, greedy_accuracy, world_problems
+from .stats import paired_comparison, wilson_interval
 
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
-    """95 % Wilson score interval for a binomial proportion (sound near 0 and 1, unlike p ± 2σ)."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def paired_comparison(a_correct: list[bool], b_correct: list[bool]) -> dict:
-    """Two policies graded on the same prompts (a_correct[i], b_correct[i]: prompt i): the paired test,
-    stronger than two independent Wilson intervals because it looks only where the policies disagree.
-
-    b = prompts A gets right and B wrong, c = the reverse, n = prompts. Returns {"n", "b", "c",
-    "difference": (b - c) / n (= accuracy A - accuracy B), "ci95": [lo, hi], "p_mcnemar"}.
-
-    The interval is Newcombe's method 10 (Newcombe 1998, Stat. Med. 17:2635, "square and add"): the
-    Wilson intervals [l1, u1] of p1 = accuracy A and [l2, u2] of p2 = accuracy B, combined with the
-    correlation phi of the 2x2 table (r = both right, b, c, s = both wrong; the margins' product
-    M = (r + b)(c + s)(r + c)(b + s)), with d = (b - c) / n:
-        lo = d - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
-        hi = d + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
-    phi = (rs - bc - n/2) / sqrt(M) when rs - bc > n/2, 0 when 0 <= rs - bc <= n/2, (rs - bc) / sqrt(M)
-    when rs - bc < 0, and 0 when M = 0 (as Newcombe, and Altman et al., Statistics with Confidence,
-    2000). p_mcnemar: McNemar's exact two-sided test, the binomial probability of a split of the
-    b + c discordant prompts at least as uneven as b : c at 1/2 (1 when b + c = 0)."""
-    if len(a_correct) != len(b_correct):
-        raise ValueError(f"paired_comparison: {len(a_correct)} and {len(b_correct)} answers; pairs need the same prompts")
-    n = len(a_correct)
-    if n == 0:
-        raise ValueError("paired_comparison: no prompts")
-    both = sum(1 for x, y in zip(a_correct, b_correct) if x and y)
-    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
-    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
-    neither = n - both - b - c
-    p1, p2 = (both + b) / n, (both + c) / n
-    (l1, u1), (l2, u2) = wilson_interval(both + b, n), wilson_interval(both + c, n)
-    margins = (both + b) * (c + neither) * (both + c) * (b + neither)
-    cross = both * neither - b * c
-    phi = 0.0
-    if margins:
-        phi = (cross - n / 2 if cross > n / 2 else min(cross, 0)) / math.sqrt(margins)
-    d = (b - c) / n
-    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    m = b + c
-    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1))
-    return {"n": n, "b": b, "c": c, "difference": d, "ci95": [max(-1.0, lo), min(1.0, hi)],
-            "p_mcnemar": min(1.0, 2 * tail / 2 ** m)}
+__all__ = ["evaluate_policy", "few_shot_prompt", "paired_comparison", "wilson_interval"]
 
 
 def few_shot_prompt(tokenizer: Tokenizer, question: str, shots: list[list[int]], budget: int) -> list[int]:
@@ -95,11 +45,6 @@ def few_shot_prompt(tokenizer: Tokenizer, question: str, shots: list[list[int]],
             break
         used += shot
     return [tokenizer.bos_id, *used, *tail]
-
-
-def _cut_base_response(text: str) -> tuple[str, bool]:
-    cut = text.find("\n\n")
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig, cfg: EvalConfig,
@@ -128,26 +73,25 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         for c in completions:
             tokens = c.tokens[:-1] if c.finished and chat else c.tokens
             text = tokenizer.decode(tokens)
-            out.append((text, c.finished) if chat else _cut_base_response(text))
+            out.append((text, c.finished) if chat else cut_base_response(text))
         return out
 
-    greedy = generate(model, prompts, cfg.max_new_tokens, n=1, temperature=0.0, stop_ids=stop,
-                      seed=cfg.seed, batch_size=cfg.batch_size)
+    _, greedy = greedy_accuracy(model, tokenizer, world_problems(tasks), cfg.max_new_tokens, prompts=prompts, chat=chat,
+                                seed=cfg.seed, batch_size=cfg.batch_size, truncate=False)
     sampled = generate(model, prompts, cfg.max_new_tokens, n=cfg.k, temperature=1.0, stop_ids=stop,
                        seed=cfg.seed + 1, batch_size=cfg.batch_size)
 
     correct_by_family: dict[str, list[bool]] = defaultdict(list)
     gold_scores, passes, samples_out, sample_texts_all = [], [], [], []
     for task, g, samples in zip(tasks, greedy, sampled):
-        (text, _), = texts(g)
-        correct_by_family[task.family].append(world.is_correct(task, text))
+        correct_by_family[task.family].append(g["correct"])
         sample_texts = texts(samples)
         scored = [world.score(task, t, ended) for t, ended in sample_texts]
         gold_scores += scored
         passes.append(any(s.correct for s in scored))
         sample_texts_all += [t for t, _ in sample_texts]
         samples_out.append({"family": task.family, "difficulty": task.difficulty, "prompt": task.prompt,
-                            "response": text, "correct": correct_by_family[task.family][-1]})
+                            "response": g["response"], "correct": g["correct"]})
 
     n_correct = sum(sum(v) for v in correct_by_family.values())
     n = len(tasks)

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..common import UserError, atomic_write_bytes, atomic_write_text
-from ..eval.protocol import paired_comparison, wilson_interval
+from ..eval.stats import paired_comparison, wilson_interval
 from ..world import STYLES
 from . import plots
 from .config import ReportConfig

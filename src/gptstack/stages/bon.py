@@ -36,20 +36,16 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
+from ..engine.scoring import score_texts
+from ..eval.fits import fit_gain, kl_bon
 from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, weights_digest,
                       write_config)
 from ..tokenizer import ASSISTANT_END
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
-from .rm import score_texts
 
 STAGE = "bon"
 BLOCK = 32  # prompts per generate call (a progress-bar step)
-
-
-def kl_bon(n: int) -> float:
-    """KL(best-of-n || policy) = log n - (n - 1)/n."""
-    return math.log(n) - (n - 1) / n
 
 
 def pick_best(proxy: np.ndarray, n: int) -> np.ndarray:
@@ -58,16 +54,6 @@ def pick_best(proxy: np.ndarray, n: int) -> np.ndarray:
     P, N = proxy.shape
     blocks = proxy[:, : (N // n) * n].reshape(P, N // n, n)
     return blocks.argmax(axis=2) + np.arange(N // n)[None, :] * n
-
-
-def fit_gain(d: list[float], gain: list[float]) -> tuple[float, float, float | None]:
-    """Least squares of gain = d (alpha - beta d) = alpha d - beta d^2 -> (alpha, beta, R^2)."""
-    d_arr, y = np.asarray(d, dtype=np.float64), np.asarray(gain, dtype=np.float64)
-    X = np.stack([d_arr, -d_arr**2], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(X, y, rcond=None)
-    ss_res = float(((y - X @ np.array([alpha, beta])) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return float(alpha), float(beta), (1.0 - ss_res / ss_tot) if ss_tot > 0 else None
 
 
 def best_of_n_table(ns: list[int], proxy: np.ndarray, gold: np.ndarray, correct: np.ndarray) -> list[dict]:

@@ -16,8 +16,8 @@ Data: TRL prompt/chosen/rejected, hh-rlhf transcripts, or K-wise ranking rows (`
 writes RUN/prefs/prefs.jsonl), which give all K(K−1)/2 pairs of each ranking, or with
 `dpo.pairs` the best response against each other one, or against the worst only. A prompt too long
 for the context loses its oldest turns; a pair that still does not fit is skipped and counted. A
-slice of the prompts (`dpo.heldout_fraction`) is held out: the implicit-reward accuracy on pairs
-never trained on (`eval_rewards/accuracies`) says whether the preferences generalise.
+slice of the prompts (`dpo.heldout_fraction`, chosen by a hash of the prompt as in every stage:
+data/split.py) is held out: the implicit-reward accuracy on pairs never trained on (`eval_rewards/accuracies`) says whether the preferences generalise.
 
 The reference never changes, so its logprobs are computed once, before training, from the policy
 weights as loaded (which are the reference). Metrics use TRL's names: `loss`, `rewards/chosen`,
@@ -38,18 +38,19 @@ import torch.nn.functional as F
 
 from ..common import UserError, atomic_write_text
 from ..config import Config
+from ..data.batches import batch_indices
+from ..data.comparisons import PAIR_MODES, ranking_pairs
 from ..data.formats import Dataset, read_dataset, warn
+from ..data.split import is_heldout
 from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..rundir import adopt_model, adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
-from ..world import ranking_to_pairs
 
 STAGE = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo")
-PAIR_MODES = ("all", "best_vs_rest", "best_worst")
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
 
@@ -135,19 +136,6 @@ def fit_prompt(tok: Tokenizer, prompt: list[dict], room: int) -> list[int] | Non
     return None
 
 
-def ranking_pairs(ranking: list[int], mode: str) -> list[tuple[int, int]]:
-    """(better, worse) response pairs of a ranking (best first): all K(K−1)/2 (InstructGPT), the
-    best against each other one, or only the best against the worst (one pair, as UltraFeedback's
-    binarised sets keep)."""
-    if mode == "all":
-        return ranking_to_pairs(ranking)
-    if mode == "best_vs_rest":
-        return [(ranking[0], other) for other in ranking[1:]]
-    if mode == "best_worst":
-        return [(ranking[0], ranking[-1])]
-    raise ValueError(f"pairs: expected one of {', '.join(PAIR_MODES)}, got {mode!r}")
-
-
 def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int, mode: str = "all") -> tuple[Pairs, dict]:
     """Normalised preference or ranking rows -> Pairs, and counts for summary.json. A ranking row
     gives its pairs (`ranking_pairs`), each response in them encoded once. A response that did
@@ -181,27 +169,12 @@ def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int, mode: str = "all"
                  np.asarray(group, dtype=np.int64)), counts
 
 
-def split_heldout(data: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pair indices (train, held-out), split by prompt so no held-out prompt is trained on."""
-    rows = np.unique(data.group)
-    n_heldout = int(round(fraction * len(rows))) if len(rows) > 1 else 0
-    heldout_rows = np.random.default_rng(seed).permutation(rows)[:n_heldout]
-    is_heldout = np.isin(data.group, heldout_rows)
-    return np.flatnonzero(~is_heldout), np.flatnonzero(is_heldout)
-
-
-def batch_pairs(train: np.ndarray, batch_size: int, seed: int, step: int, micro: int, grad_accum: int,
-                rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """The pairs of one micro-batch: epochs over a fresh permutation each, a function of
-    (seed, step, micro, rank) only, so a resumed run continues the same order."""
-    start = ((step * grad_accum + micro) * world_size + rank) * batch_size
-    positions = np.arange(start, start + batch_size)
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(positions // len(train)):
-        here = positions // len(train) == epoch
-        order = np.random.default_rng([seed, int(epoch)]).permutation(len(train))
-        out[here] = train[order[positions[here] % len(train)]]
-    return out
+def split_heldout(data: Pairs, rows: list[dict], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pair indices (train, held-out): a pair is held out when its row's prompt is (the one rule,
+    data/split.py), so no held-out prompt is trained on."""
+    held_rows = np.array([is_heldout(row["prompt"], fraction) for row in rows], dtype=bool)
+    is_held = held_rows[data.group]
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def sorted_logprobs(model, data: Pairs, seqs: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
@@ -247,7 +220,7 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
              "without their earlier turns; skipped", info)
     if not len(data.pairs):
         raise UserError(f"{prefs_file}: no preference pair to train on ({ds.describe()})")
-    train, heldout = split_heldout(data, tc.heldout_fraction, tc.seed)
+    train, heldout = split_heldout(data, ds.rows, tc.heldout_fraction)
     if not len(train):
         raise UserError(f"{prefs_file}: every pair is held out; lower dpo.heldout_fraction")
     counts |= {"data/train_pairs": len(train), "data/heldout_pairs": len(heldout)}
@@ -288,7 +261,7 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     last_train: dict[str, float] = {}  # stays empty when a finished run is resumed (no step left to take)
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
-        rows = batch_pairs(train, tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
+        rows = train[batch_indices(len(train), tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)]
         chosen, rejected = torch.from_numpy(data.pairs[rows, 0]), torch.from_numpy(data.pairs[rows, 1])
         seqs = torch.cat([chosen, rejected])  # chosen and rejected in one forward, as TRL does
         summed = summed_logprobs(session.step_model, [data.prompts[s] for s in seqs.tolist()],

@@ -15,13 +15,18 @@ Each update (CleanRL's ppo.py, with InstructGPT's reward):
      pretraining loss, + GRPO's k3 KL term), all on train/loop.py's Session (DDP, checkpoints,
      NaN guard); the adaptive KL controller then moves beta.
 Checkpoints fall on update boundaries and every random draw is a function of (seed, update), so a
-resumed run is bit-identical to an uninterrupted one. Metric names follow TRL (objective/kl, ...).
+resumed run is bit-identical to an uninterrupted one. Metric names follow TRL (objective/kl, ...);
+with GAE, val/explained_variance = 1 - Var(returns - values) / Var(returns) says how well the critic
+predicted the returns of the rollouts (CleanRL's losses/explained_variance).
+
+The prompts come from train/sources.py, the scores and gold of the rollouts from eval/rewards.py,
+the held-out points of the over-optimization curve from eval/heldout.py and their fit from
+eval/fits.py; this file is the loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +34,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import world
-from ..common import UserError, atomic_write_text
+from ..common import UserError, atomic_write_bytes, atomic_write_text
 from ..config import Config, RLConfig
 from ..data.corpus import get_batch
 from ..engine.rollout import Batch, rollout, token_logprobs, token_values
 from ..eval import protocol
+from ..eval.fits import fit_gao_rl
+from ..eval.heldout import heldout_items, heldout_point
+from ..eval.problems import file_problem, greedy_accuracy
+from ..eval.rewards import Rewarder, gold_and_hacks, response_texts
 from ..model.heads import ScalarModel
 from ..rundir import adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_model, load_stage
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train import rl
+from ..train.sources import Item, Prompts, update_seed
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -59,103 +68,6 @@ def validate(tc: RLConfig, section: str) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"{section}: {message}")
-
-
-# --- prompts and rewards --------------------------------------------------------------------------
-
-
-@dataclass
-class Item:
-    messages: list[dict]            # the prompt, ending with the user's turn
-    task: world.Task | None = None  # world prompts: the gold reward's task
-    answer: str | None = None       # verifiable files (GSM8K): the reference answer
-
-
-def update_seed(tc: RLConfig, update: int, rank: int) -> int:
-    """Every random draw of an update derives from (prompt_seed, update, rank): resume is exact."""
-    return (tc.prompt_seed * 1_000_003 + update) * 101 + rank
-
-
-class Prompts:
-    """Training prompts, drawn per (update, rank): world tasks by default, or a prompt file's rows."""
-
-    def __init__(self, cfg: Config, tc: RLConfig, data: str | None = None, skip_bad_rows: bool = False,
-                 tok: Tokenizer | None = None, expect: tuple[str, ...] | None = None):
-        self.cfg, self.tc, self.items, self.heldout = cfg, tc, None, []
-        if data not in (None, "world"):
-            from ..data.formats import read_dataset, warn
-            ds = read_dataset(data, expect=expect or ("prompt", "sft", "preference", "ranking", "verifiable"),
-                              skip_bad_rows=skip_bad_rows)
-            answers = [r.get("answer") for r in ds.rows] if ds.kind == "verifiable" else [None] * len(ds.rows)
-            items = [Item(m, None, a) for m, a in zip(ds.prompts(), answers)]
-            if tok is not None:
-                # A prompt that leaves no room for max_new_tokens would lose its start in the engine (a
-                # question without its beginning, answer-checked all the same): skipped and counted. The
-                # held-out rows of a verifiable file are also sampled with eval.max_new_tokens.
-                new = max(tc.max_new_tokens, cfg.eval.max_new_tokens) if ds.kind == "verifiable" else tc.max_new_tokens
-                room = max(1, cfg.model.block_size + 1 - new)
-                sizes = [len(tok.render_prompt(it.messages)) for it in items]
-                long = [(line, n) for line, n in zip(ds.lines, sizes) if n > room]
-                if long and len(long) == len(items):
-                    raise UserError(f"{data}:{long[0][0]}: prompt: {long[0][1]} tokens rendered; expected at most "
-                                    f"{room} (model.block_size {cfg.model.block_size} + 1 - {new} new tokens): no "
-                                    "prompt of this file fits")
-                if long:
-                    lines = ", ".join(str(line) for line, _ in long[:10]) + (", ..." if len(long) > 10 else "")
-                    warn(f"{data}: {len(long)} prompt(s) longer than {room} tokens (model.block_size "
-                         f"{cfg.model.block_size} + 1 - {new} new tokens) skipped, lines {lines}")
-                    items = [it for it, n in zip(items, sizes) if n <= room]
-            if ds.kind == "verifiable":
-                # the file's last rows (at most 10 %) are held out: the answer accuracy is measured on them
-                n_eval = min(tc.eval_prompts, len(items) // 10)
-                items, self.heldout = items[: len(items) - n_eval], items[len(items) - n_eval :]
-            self.items = items
-
-    def draw(self, update: int, rank: int) -> list[Item]:
-        n = self.tc.prompts_per_update
-        if self.items is None:
-            tasks = world.train_tasks(n, seed=update_seed(self.tc, update, rank), config=self.cfg.world)
-            return [Item([{"role": "user", "content": t.prompt}], t) for t in tasks]
-        g = torch.Generator().manual_seed(update_seed(self.tc, update, rank))
-        return [self.items[i] for i in torch.randint(len(self.items), (n,), generator=g).tolist()]
-
-
-def response_texts(tok: Tokenizer, batch: Batch) -> list[str]:
-    return [tok.decode(r[:-1] if done else r) for r, done in zip(batch.responses, batch.finished.tolist())]
-
-
-def gold_and_hacks(items: list[Item], batch: Batch, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Per rollout: gold reward and correctness (world prompts), repetition and length."""
-    ended = batch.finished.tolist()
-    out = {"length": batch.mask.sum(1)}
-    tasks = [items[i].task for i in batch.prompt_index]
-    if all(t is not None for t in tasks):
-        scores = [world.score(t, text, e) for t, text, e in zip(tasks, texts, ended)]
-        out["gold"] = torch.tensor([s.score for s in scores])
-        out["correct"] = torch.tensor([float(s.correct) for s in scores])
-        out["repetition"] = torch.tensor([s.repetition for s in scores])
-    return out
-
-
-class Rewarder:
-    """The score of each rollout: the reward model ("rm"), the world's gold reward ("gold"), a
-    verifiable answer check ("answer": 1 if the final answer matches, for GSM8K-format files), or a
-    Python function fn(prompts, responses) -> scores (TRL's reward functions; library use, tests)."""
-
-    def __init__(self, kind, rm: ScalarModel | None = None):
-        self.kind, self.rm = kind, rm
-
-    @torch.no_grad()
-    def __call__(self, items: list[Item], batch: Batch, texts: list[str], extra: dict) -> torch.Tensor:
-        if callable(self.kind):
-            prompts = [items[i].messages[-1]["content"] for i in batch.prompt_index]
-            return torch.tensor([float(x) for x in self.kind(prompts, texts)])
-        if self.kind == "rm":
-            return self.rm.score(batch.ids, pad_mask=batch.pad_mask)
-        if self.kind == "gold":
-            return extra["gold"]
-        from ..data.formats import check_answer
-        return torch.tensor([float(check_answer(t, items[i].answer)) for i, t in zip(batch.prompt_index, texts)])
 
 
 # --- the model being trained: policy (+ critic) ------------------------------------------------------
@@ -222,11 +134,12 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
     old_logp = batch.logprobs
     ref_logp = token_logprobs(ref, batch, tc.temperature)[0] if uses_reference(tc) else None
     kl = (old_logp - ref_logp) * batch.mask if ref_logp is not None else torch.zeros_like(old_logp)
-    old_values = returns = None
+    old_values = returns = explained = None
     if tc.advantage == "gae":
         old_values = token_values(model.critic, batch)
         rewards = rl.per_token_rewards(scores, kl, kl_coef, batch.mask)
         advantages, returns = rl.gae(rewards, old_values, batch.mask, tc.gamma, tc.lam)
+        explained = rl.explained_variance(old_values, returns, batch.mask)  # the critic, before this update
         if tc.whiten_advantages:
             advantages = rl.masked_whiten(advantages, batch.mask)
     else:
@@ -243,6 +156,7 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
         "objective/scores": scores.mean().item(),
         "objective/kl_coef": kl_coef,
         "val/num_eos_tokens": int(batch.finished.sum()),
+        **({"val/explained_variance": explained} if explained is not None else {}),
         "hack/length": extra["length"].mean().item(),
     }
     if "gold" in extra:
@@ -288,131 +202,7 @@ def minibatch_loss(model_fn, exp: Experience, rows: torch.Tensor, tc: RLConfig, 
     return loss
 
 
-# --- held-out evaluation during training (the over-optimization curve) -------------------------------
-
-
-def heldout_items(cfg: Config, n: int) -> list[Item]:
-    """`n` prompts of the world's eval set, spread evenly over it (all families)."""
-    tasks = world.eval_set(cfg.world)
-    picks = [tasks[(i * len(tasks)) // n] for i in range(min(n, len(tasks)))]
-    return [Item([{"role": "user", "content": t.prompt}], t) for t in picks]
-
-
-@torch.no_grad()
-def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Item], tok: Tokenizer, tc: RLConfig,
-                  seed: int) -> dict:
-    """Proxy (RM) and gold reward, accuracy and KL(pi || pi_ref) of T = 1 samples on held-out prompts."""
-    policy.eval()
-    prompt_ids = [tok.render_prompt(it.messages) for it in items]
-    batch = rollout(policy, prompt_ids, tc.eval_samples, tc.max_new_tokens, temperature=1.0,
-                    stop_ids=[tok.special(ASSISTANT_END)], seed=seed, truncate=True)
-    texts = response_texts(tok, batch)
-    extra = gold_and_hacks(items, batch, texts)
-    kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
-    point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
-             "accuracy": extra["correct"].mean().item(), **world.describe(texts)}
-    if rm is not None:
-        scores = rm.score(batch.ids, pad_mask=batch.pad_mask)
-        point["proxy"] = scores.mean().item()
-    # a few responses as they read at this point (the report shows them at the proxy's peak)
-    point["samples"] = [{"prompt": items[batch.prompt_index[i]].messages[-1]["content"], "response": texts[i],
-                         "gold": float(extra["gold"][i]), **({"proxy": float(scores[i])} if rm is not None else {})}
-                        for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
-    return point
-
-
-def fit_gao_rl(points: list[dict]) -> dict:
-    """Least squares of gold - gold(d=0) = d (alpha - beta log d) (Gao et al. 2023, RL form), a model
-    linear in (alpha, beta), through the origin; R^2 on the gains. The fitted peak is where the
-    derivative alpha - beta (log d + 1) vanishes: d* = exp(alpha / beta - 1)."""
-    base = next((p["gold"] for p in points if p["d"] == 0), points[0]["gold"])
-    pts = [p for p in points if p["d"] > 0]
-    if len(pts) < 3:  # too few points to fit two coefficients and judge the fit: say so, keep the keys
-        return {"fit/alpha": None, "fit/beta": None, "fit/r2": None, "fit/gold_at_d0": base}
-    d = torch.tensor([p["d"] for p in pts], dtype=torch.float64)
-    y = torch.tensor([p["gold"] - base for p in pts], dtype=torch.float64)
-    X = torch.stack([d, -d * torch.log(d)], dim=1)
-    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-    alpha, beta = coef.tolist()
-    residual = ((X @ coef - y) ** 2).sum().item()
-    total = ((y - y.mean()) ** 2).sum().item()
-    out = {"fit/alpha": alpha, "fit/beta": beta, "fit/r2": 1 - residual / total if total > 0 else 0.0,
-           "fit/gold_at_d0": base}
-    if beta > 0:
-        out["fit/peak_d"] = math.exp(alpha / beta - 1)
-    return out
-
-
-def plot_overopt(points: list[dict], fit: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    d = [p["d"] for p in points]
-    ax.plot(d, [p["gold"] for p in points], "o-", label="gold reward (held-out)")
-    if all("proxy" in p for p in points):
-        ax2 = ax.twinx()
-        ax2.plot(d, [p["proxy"] for p in points], "s--", color="tab:orange", label="proxy (RM score)")
-        ax2.set_ylabel("proxy (normalised RM score)")
-        ax2.legend(loc="lower right")
-    if fit.get("fit/alpha") is not None:
-        xs = torch.linspace(max(min(d), 1e-3), max(d), 100)
-        ys = fit["fit/gold_at_d0"] + xs * (fit["fit/alpha"] - fit["fit/beta"] * torch.log(xs))
-        ax.plot(xs, ys, ":", color="tab:blue", label=f"fit d(α − β log d), R² = {fit['fit/r2']:.2f}")
-    ax.set_xlabel("d = √KL(π ‖ π_sft)")
-    ax.set_ylabel("gold reward")
-    ax.legend(loc="upper left")
-    ax.set_title("Over-optimization: gold vs proxy")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-@torch.no_grad()
-def answer_accuracy(policy, tok: Tokenizer, items: list[Item], ecfg) -> tuple[dict, list[dict]]:
-    """Greedy answer accuracy on held-out rows of a verifiable file (GSM8K: the final number)."""
-    from ..data.formats import check_answer
-    from ..engine import generate
-
-    policy.eval()
-    prompts = [tok.render_prompt(it.messages) for it in items]
-    end = tok.special(ASSISTANT_END)
-    out = generate(policy, prompts, ecfg.max_new_tokens, temperature=0.0, stop_ids=[end], seed=ecfg.seed, truncate=True)
-    samples = []
-    for it, (c,) in zip(items, out):
-        text = tok.decode([t for t in c.tokens if t != end])
-        samples.append({"prompt": it.messages[-1]["content"], "response": text, "answer": it.answer,
-                        "correct": check_answer(text, it.answer)})
-    n_correct = sum(s["correct"] for s in samples)
-    return {"eval/accuracy": n_correct / len(items), "eval/accuracy_ci95": protocol.wilson_interval(n_correct, len(items)),
-            "eval/n_prompts": len(items)}, samples
-
-
 # --- the loop ------------------------------------------------------------------------------------------
-
-
-class HackAlarm:
-    """Warns when the proxy keeps rising while gold falls: window means of the last two windows."""
-
-    def __init__(self, window: int, history: list | None = None):
-        self.window, self.history, self.fired_at = window, history or [], -10**9
-
-    def update(self, update: int, proxy: float, gold: float | None) -> bool:
-        if gold is None:
-            return False
-        self.history.append((proxy, gold))
-        w = self.window
-        if len(self.history) < 2 * w or update - self.fired_at < w:
-            return False
-        prev, last = self.history[-2 * w : -w], self.history[-w:]
-        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
-        if mean(last, 0) > mean(prev, 0) and mean(last, 1) < mean(prev, 1) - 0.005:
-            self.fired_at = update
-            return True
-        return False
 
 
 def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path | None = None,
@@ -454,7 +244,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     ptx_tokens = None
     if tc.ptx_coef:
         from ..data.corpus import build_corpus
-        from .pretrain import Corpus
+        from ..train.sources import Corpus
         corpus = Corpus(policy_cfg)
         ptx_tokens = build_corpus(corpus.splits, corpus.fingerprint, tok, policy_dir.parent / "data")["train"].tokens
     if info.is_main:
@@ -471,10 +261,10 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     saved = (state or {}).get("extra", {})
     kl_ctl = rl.AdaptiveKLController(tc.kl_coef, tc.kl_target or None, tc.kl_horizon)
     kl_ctl.value = saved.get("kl_coef", tc.kl_coef)
-    alarm = HackAlarm(tc.hack_window, saved.get("hack_history"))
+    alarm = rl.HackAlarm(tc.hack_window, saved.get("hack_history"))
     points: list[dict] = saved.get("points", [])
     gold_ref: list | None = saved.get("gold_ref")   # SFT's gold mean/std on the first rollouts
-    heldout = heldout_items(cfg, tc.eval_prompts) if source.items is None else []
+    heldout = heldout_items(cfg.world, tc.eval_prompts) if source.items is None else []
     print0(f"{stage}: {tc.updates} updates x {rows} rollouts ({tc.prompts_per_update} prompts x "
            f"{tc.samples_per_prompt}), {tc.epochs} epochs x {tc.minibatches} minibatches, advantage {tc.advantage}, "
            f"reward {reward_name}, beta {kl_ctl.value}", info=info)
@@ -562,7 +352,9 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             figures, samples = protocol.evaluate_policy(policy, tok, cfg.world, cfg.eval, reference_model=ref,
                                                         reward_model=rm)
         else:
-            figures, samples = answer_accuracy(policy, tok, source.heldout, cfg.eval) if source.heldout else ({}, [])
+            problems = [file_problem(it.messages, it.answer) for it in source.heldout]
+            figures, samples = (greedy_accuracy(policy, tok, problems, cfg.eval.max_new_tokens, seed=cfg.eval.seed)
+                                if problems else ({}, []))
         atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         summary.update(figures)
         summary.update({"updates": tc.updates, "rollouts": tc.updates * rows * info.world, "reward": reward_name,
@@ -573,7 +365,10 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             best = max(points, key=lambda p: p["gold"])
             summary["gold_peak_d"] = fit["fit/peak_d"] if "fit/peak_d" in fit else best["d"]
             summary["gold_peak_d_observed"] = best["d"]
-            plot_overopt(points, fit, stage_dir / "overopt.png")
+            from ..report.plots import overoptimization  # noqa: PLC0415 (matplotlib: only when there are points)
+            plot_fit = None if fit["fit/alpha"] is None else {k: fit[f"fit/{k}"] for k in ("alpha", "beta", "r2", "gold_at_d0")}
+            atomic_write_bytes(stage_dir / "overopt.png", overoptimization(points, plot_fit, summary["gold_peak_d"], None, None,
+                                                                         None, cfg.report.dpi))
     session.finish(summary, extra=extra, weights=lambda sd: {k[len("policy."):]: v for k, v in sd.items() if k.startswith("policy.")},
                    **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
     if info.is_main:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
+from ..data.comparisons import load_preferences, ranking_pairs
 from ..rundir import write_config
 from ..train.dist import print0
 
@@ -105,16 +106,15 @@ def label_stats(rows: list[dict]) -> dict:
         agree = differ = 0
         for r in with_gold:
             g = r["gold"]
-            for w, lo in world.ranking_to_pairs(r["ranking"]):
+            for w, lo in ranking_pairs(r["ranking"]):
                 if g[w] != g[lo]:
                     differ += 1
                     agree += g[w] > g[lo]
         golds = [x for r in with_gold for x in r["gold"]]
         out.update({"prefs/gold_mean": sum(golds) / len(golds),
                     "prefs/labeler_gold_agreement": agree / differ if differ else None})
-        from .rm import world_task  # noqa: PLC0415
-
-        right = [world.is_correct(t, x) for r in with_gold if (t := world_task(r["prompt"])) for x in r["responses"]]
+        right = [world.is_correct(t, x) for r in with_gold if (t := world.task_from_messages(r["prompt"]))
+                 for x in r["responses"]]
         if right:
             out["prefs/response_accuracy"] = sum(right) / len(right)
     return out
@@ -139,11 +139,9 @@ def run(cfg: Config, source: str | Path | None, out: str | Path, rankings: str |
             [json.loads(line) for line in target.read_text().splitlines() if line.strip()])
 
     if rankings is not None:  # labels from a file: validate (before any work), normalise, add gold
-        from .rm import load_preferences, world_task  # noqa: PLC0415
-
         rows, counts = load_preferences(rankings, skip_bad_rows)
         for row in rows:
-            task = world_task(row["prompt"])
+            task = world.task_from_messages(row["prompt"])
             if task is not None and "gold" not in row:
                 ended = row.get("ended") or [True] * len(row["responses"])
                 row["gold"] = [world.gold(task, r, e) for r, e in zip(row["responses"], ended)]

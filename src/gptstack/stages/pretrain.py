@@ -17,55 +17,17 @@ from pathlib import Path
 
 import torch
 
-from ..common import UserError
 from ..config import Config
-from ..data.corpus import BUILTIN_TEXTS, build_corpus, eval_windows, get_batch, read_documents, split_documents
+from ..data.corpus import build_corpus, eval_windows, get_batch
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
 from ..rundir import check_vocab
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 from ..train.precision import autocast, measure_peak_flops
+from ..train.sources import Corpus
 
 STAGE = "pretrain"
-
-
-class Corpus:
-    """The pretraining corpus a config names: files (data.paths), the task world's documents, or a
-    shipped text; read (and validated) once, lazily, and split into train / val."""
-
-    def __init__(self, cfg: Config, skip_bad_rows: bool = False):
-        self.cfg, self.skip_bad_rows = cfg, skip_bad_rows
-        self.counts: dict = {}
-        self._splits = None
-        d = cfg.data
-        if d.paths:
-            self.fingerprint = {"paths": [(str(Path(p).resolve()), Path(p).stat().st_size if Path(p).exists() else -1,
-                                           Path(p).stat().st_mtime_ns if Path(p).exists() else -1) for p in d.paths],
-                                "doc_separator": d.doc_separator, "split": d.split, "val_fraction": d.val_fraction}
-        elif d.builtin == "world":
-            self.fingerprint = {"world": cfg.world.__dict__, "chars": d.world_chars, "seed": cfg.pretrain.seed,
-                                "val_fraction": d.val_fraction}
-        elif (BUILTIN_TEXTS / f"{d.builtin}.txt").exists():
-            self.fingerprint = {"builtin": d.builtin, "split": d.split, "val_fraction": d.val_fraction}
-        else:
-            raise UserError(f"data.builtin: expected world or one of "
-                            f"{sorted(p.stem for p in BUILTIN_TEXTS.glob('*.txt'))}, got {d.builtin!r}")
-
-    def splits(self) -> tuple[list[str], list[str], bool]:
-        if self._splits is None:
-            d = self.cfg.data
-            if d.paths or d.builtin != "world":
-                paths = d.paths or [str(BUILTIN_TEXTS / f"{d.builtin}.txt")]
-                docs, self.counts = read_documents(paths, d.doc_separator, self.skip_bad_rows)
-                self._splits = split_documents(docs, d.val_fraction, d.split)
-            else:
-                from ..world import documents
-
-                seed = self.cfg.pretrain.seed
-                self._splits = (documents(d.world_chars, seed, self.cfg.world, "train"),
-                                documents(int(d.world_chars * d.val_fraction), seed, self.cfg.world, "val"), False)
-        return self._splits
 
 
 def ensure_tokenizer(run: Path, cfg: Config, corpus: Corpus, info) -> Tokenizer:

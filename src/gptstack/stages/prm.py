@@ -35,9 +35,7 @@ verifiers' figures on held-out prompts (step accuracy, AUROC of right vs wrong r
 from __future__ import annotations
 
 import json
-import math
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +48,12 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
+from ..data.batches import batch_indices
 from ..data.formats import check_answer, read_dataset, warn
+from ..data.split import is_heldout
 from ..engine import generate
+from ..engine.scoring import render_steps, response_steps
+from ..eval.verifiers import verifier_figures
 from ..model.heads import ScalarModel
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train.checkpoint import load_checkpoint
@@ -61,52 +63,9 @@ from ..train.loop import Session, resume_state
 
 STAGE = "prm"
 LABELS = ("auto", "checker", "mc")
-AGGREGATIONS = ("min", "product")
 
 
-# --- steps: splitting, rendering, labels ----------------------------------------------------------
-
-
-def response_steps(text: str) -> tuple[list[str], bool]:
-    """A response's steps (its non-empty lines, stripped) and whether the last one is complete
-    (a newline follows it; a response cut at its length limit may end inside a step)."""
-    lines = text.split("\n")
-    steps = [line.strip() for line in lines if line.strip()]
-    return steps, bool(steps) and not lines[-1].strip()
-
-
-@dataclass
-class Rendered:
-    ids: list[int]       # prompt + response (+ <|assistant_end|> when it ended)
-    ends: list[int]      # per step, the index in ids of its last token (where the PRM reads it)
-    complete: int        # how many of the steps are complete (all but a cut-off last one)
-
-
-def render_steps(tok: Tokenizer, prompt_ids: Sequence[int], steps: Sequence[str], ended: bool,
-                 last_complete: bool = False) -> Rendered:
-    """prompt + the steps joined by newlines (+ <|assistant_end|> when the response ended).
-
-    Steps are encoded one at a time, so each ends on a token boundary whatever the tokenizer (with
-    the world's pre-split patterns this is also how the whole text encodes: a newline ends a
-    pre-token). The final step of an ended response is read at <|assistant_end|>, where an outcome
-    or preference RM reads the whole response. A response with no step is one empty step."""
-    ids, ends = list(prompt_ids), []
-    for k, step in enumerate(steps):
-        newline = k < len(steps) - 1 or last_complete
-        ids += tok.encode(step + ("\n" if newline else ""))
-        ends.append(len(ids) - 1)
-    if ended:
-        ids.append(tok.special(ASSISTANT_END))
-    if not steps:
-        ends = [len(ids) - 1]
-    ends[-1] = len(ids) - 1
-    complete = len(steps) if (ended or last_complete or not steps) else len(steps) - 1
-    return Rendered(ids, ends, complete)
-
-
-def render_response(tok: Tokenizer, prompt_ids: Sequence[int], text: str, ended: bool) -> Rendered:
-    steps, last_complete = response_steps(text)
-    return render_steps(tok, prompt_ids, steps, ended, last_complete)
+# --- step labels ----------------------------------------------------------------------------------
 
 
 def checker_labels(task, steps: Sequence[str]) -> list[int]:
@@ -153,80 +112,7 @@ def monte_carlo_labels(model, tok: Tokenizer, responses: Sequence[Response], rol
     return [lab + [float(r.correct)] for lab, r in zip(labels, responses)]
 
 
-def aggregate(step_probs: Sequence[float], how: str = "min") -> float:
-    """A response's PRM score from its steps' probabilities of being right: the weakest step
-    (min, Math-Shepherd) or the chance that all are right (product, "Let's Verify Step by Step")."""
-    if how not in AGGREGATIONS:
-        raise ValueError(f"aggregation: expected one of {', '.join(AGGREGATIONS)}, got {how!r}")
-    if not step_probs:
-        return 0.0
-    return min(step_probs) if how == "min" else math.prod(step_probs)
-
-
-def auroc(scores: Sequence[float], labels: Sequence[float]) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting one half
-    (the Mann-Whitney U statistic over average ranks). None without both classes."""
-    y = np.asarray(labels) > 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return None
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over runs of equal scores
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def within_group_auroc(scores: Sequence[float], labels: Sequence[float], groups: Sequence[object]) -> float | None:
-    """AUROC over (positive, negative) pairs of the same group only: how well a verifier ranks right
-    above wrong responses to one prompt, which is what best-of-N needs (an AUROC over all pairs
-    also rewards telling easy prompts from hard ones). None without such a pair."""
-    by: dict[object, list[int]] = {}
-    for i, g in enumerate(groups):
-        by.setdefault(g, []).append(i)
-    wins = pairs = 0.0
-    for rows in by.values():
-        pos = [scores[i] for i in rows if labels[i] > 0.5]
-        neg = [scores[i] for i in rows if labels[i] <= 0.5]
-        for a in pos:
-            for b in neg:
-                wins += (a > b) + 0.5 * (a == b)
-        pairs += len(pos) * len(neg)
-    return wins / pairs if pairs else None
-
-
-@torch.no_grad()
-def head_logits(model: ScalarModel, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                batch_size: int = 64) -> list[list[float]]:
-    """A scalar head's outputs at the given positions of each sequence (right-padded batches, so
-    causal attention never sees the padding; similar lengths batched together)."""
-    device = next(model.parameters()).device
-    out: list[list[float] | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
-        ids = torch.zeros(len(rows), max(len(seqs[r]) for r in rows), dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, : len(seqs[r])] = torch.tensor(seqs[r])
-        values = model(ids.to(device)).cpu()
-        for k, r in enumerate(rows):
-            out[r] = values[k, list(positions[r])].tolist()
-    return out  # type: ignore[return-value]
-
-
 # --- step data ------------------------------------------------------------------------------------
-
-
-def _split_of(prompt_key: str, eval_fraction: float) -> bool:
-    """True for held-out prompts: a hash of the prompt, so all samples of a prompt stay together."""
-    return zlib.crc32(prompt_key.encode("utf-8")) % 10_000 < eval_fraction * 10_000
 
 
 def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, info) -> tuple[list[dict], dict]:
@@ -300,7 +186,7 @@ def make_examples(tok: Tokenizer, rows: list[dict], block_size: int, eval_fracti
             continue
         key = json.dumps(r["prompt"]) if not isinstance(r["prompt"], str) else r["prompt"]
         out.append(Example(np.asarray(rendered.ids, dtype=np.int64), rendered.ends, [float(v) for v in r["labels"]],
-                           float(r["outcome"]), _split_of(key, eval_fraction), key))
+                           float(r["outcome"]), is_heldout(r["prompt"], eval_fraction), key))
     return out, too_long
 
 
@@ -309,8 +195,7 @@ def get_batch(examples: list[Example], outcome: bool, batch_size: int, seed: int
     """Right-padded ids, (B, T) targets and (B, T) bool mask of the labelled positions: every
     step's end for the PRM, the last token for the ORM. Like SFT, the draw depends only on
     (seed, step, micro, rank), so a resumed run sees the same batches."""
-    g = np.random.default_rng([seed, step, micro])
-    rows = g.integers(0, len(examples), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
+    rows = batch_indices(len(examples), batch_size, seed, step, micro, rank=rank, world=world_size, replace=True)
     length = max(len(examples[r].ids) for r in rows)
     x = torch.zeros(len(rows), length, dtype=torch.long)
     target = torch.zeros(len(rows), length)
@@ -323,50 +208,6 @@ def get_batch(examples: list[Example], outcome: bool, batch_size: int, seed: int
         else:
             target[i, ex.ends], mask[i, ex.ends] = torch.tensor(ex.labels), True
     return x, target, mask
-
-
-def evaluate(prm: ScalarModel, orm: ScalarModel, examples: list[Example], batch_size: int) -> dict:
-    """Held-out figures: the PRM's step accuracy and AUROC against the step labels, how well each
-    verifier ranks right above wrong responses (AUROC against the outcome, over all pairs and over
-    pairs of responses to the same prompt), and best-of-k: the
-    share of held-out prompts whose top-scored response (of the k sampled) is right, beside
-    pass@k (some response is right) and `eval/outcome_mean` (a random pick)."""
-    if not examples:
-        return {}
-    prm.eval()
-    orm.eval()
-    seqs = [ex.ids.tolist() for ex in examples]
-    step_probs = [[1 / (1 + math.exp(-v)) for v in vals]
-                  for vals in head_logits(prm, seqs, [ex.ends for ex in examples], batch_size)]
-    orm_scores = [vals[0] for vals in head_logits(orm, seqs, [[len(s) - 1] for s in seqs], batch_size)]
-    prm_scores = [aggregate(ps, "min") for ps in step_probs]
-    # what best-of-N needs: among one prompt's responses, is the top-scored one right?
-    by_prompt: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_prompt.setdefault(ex.prompt, []).append(i)
-    flat_p = [p for ps in step_probs for p in ps]
-    flat_y = [y for ex in examples for y in ex.labels]
-    outcomes = [ex.outcome for ex in examples]
-    figures = {
-        "eval/responses": len(examples),
-        "eval/steps": len(flat_y),
-        "eval/outcome_mean": sum(outcomes) / len(outcomes),
-        "prm/eval/step_accuracy": sum((p > 0.5) == (y > 0.5) for p, y in zip(flat_p, flat_y)) / len(flat_y),
-        "prm/eval/step_auroc": auroc(flat_p, flat_y),
-        "prm/eval/outcome_auroc": auroc(prm_scores, outcomes),
-        "prm/eval/outcome_auroc_product": auroc([aggregate(ps, "product") for ps in step_probs], outcomes),
-        "orm/eval/outcome_auroc": auroc(orm_scores, outcomes),
-        "prm/eval/within_prompt_auroc": within_group_auroc(prm_scores, outcomes, [ex.prompt for ex in examples]),
-        "orm/eval/within_prompt_auroc": within_group_auroc(orm_scores, outcomes, [ex.prompt for ex in examples]),
-        "orm/eval/outcome_accuracy": sum((s > 0) == (y > 0.5) for s, y in zip(orm_scores, outcomes)) / len(outcomes),
-        "eval/prompts": len(by_prompt),
-        "eval/pass@k": sum(any(outcomes[i] > 0.5 for i in rows) for rows in by_prompt.values()) / len(by_prompt),
-        "prm/eval/best_of_k": sum(outcomes[max(rows, key=lambda i: prm_scores[i])] > 0.5
-                                  for rows in by_prompt.values()) / len(by_prompt),
-        "orm/eval/best_of_k": sum(outcomes[max(rows, key=lambda i: orm_scores[i])] > 0.5
-                                  for rows in by_prompt.values()) / len(by_prompt),
-    }
-    return {k: v for k, v in figures.items() if v is not None}
 
 
 def read_step_rows(path: str | Path, skip_bad_rows: bool = False):
@@ -474,7 +315,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         summary = {**counts, "data/responses": len(examples), "data/steps": n_steps,
                    "data/step_label_mean": sum(sum(ex.labels) for ex in examples) / max(1, n_steps),
                    "data/outcome_mean": sum(ex.outcome for ex in examples) / max(1, len(examples)),
-                   **evaluate(prm, orm, eval_ex, pc.score_batch_size),
+                   **verifier_figures(prm, orm, eval_ex, pc.score_batch_size),
                    "steps": pc.max_steps, "wall_seconds": time.perf_counter() - t_start}
     session.finish(summary, metadata={"gptstack_head": "prm"},
                    **{k: v for k, v in summary.items() if "/eval/" in k})

@@ -51,9 +51,6 @@ Two options keep the trunk's LM head (model/heads.py), both off by default:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -65,9 +62,13 @@ import torch.nn.functional as F
 from .. import world
 from ..common import UserError
 from ..config import Config
-from ..data.feedback import read_feedback
-from ..data.formats import read_dataset, warn
-from ..eval.protocol import wilson_interval
+from ..data.batches import batch_indices
+from ..data.comparisons import distinct_pairs, load_preferences
+from ..data.formats import warn
+from ..data.split import is_heldout
+from ..engine.scoring import likelihood_scores, render_for_rm, score_texts
+from ..eval.problems import greedy_accuracy, world_problems
+from ..eval.stats import preference_metrics
 from ..model.heads import (ScalarModel, gather_last, latest_start, pad_sequences, response_token_logprobs,
                            scalar_metadata, scalar_weights, score_ids, sequence_scores)
 from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
@@ -76,87 +77,6 @@ from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
 STAGE = "rm"
-
-# --- reading comparisons -------------------------------------------------------------------------
-
-
-def load_preferences(path: str | Path, skip_bad_rows: bool = False) -> tuple[list[dict], dict]:
-    """Comparisons from a file (TRL prompt/chosen/rejected, hh-rlhf, K-wise ranking JSONL), a
-    RUN/prefs directory or a `gptstack serve` feedback .sqlite -> (rows, counts for summary.json).
-
-    Every row comes out in the ranking form: {"prompt": [messages ending with the user turn],
-    "responses": [K strings], "ranking": [indices, best first]} plus, where known, "ended" and
-    "gold" (one per response). A pair (chosen, rejected) is the ranking [0, 1] of [chosen, rejected].
-    """
-    path = Path(path)
-    if path.suffix in (".sqlite", ".db"):
-        return read_feedback(path)
-    if path.is_dir():
-        if not (path / "prefs.jsonl").exists():
-            raise UserError(f"{path}: no prefs.jsonl here (expected the output of `gptstack prefs`)")
-        path = path / "prefs.jsonl"
-    ds = read_dataset(path, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
-    if ds.n_skipped:
-        warn(ds.describe())
-    if ds.kind == "ranking":
-        rows = ds.rows
-    else:
-        rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranking": [0, 1]} for r in ds.rows]
-    if not rows:
-        raise UserError(f"{path}: no usable comparison ({ds.describe()})")
-    return rows, ds.summary()
-
-
-def ranking_pairs(row: dict) -> tuple[list[tuple[int, int]], int]:
-    """All C(K,2) (better, worse) pairs a row's ranking implies, less the pairs of identical
-    responses (same text and same `ended`): -> (pairs, how many were identical)."""
-    ended = row.get("ended") or [True] * len(row["responses"])
-    key = [(r, e) for r, e in zip(row["responses"], ended)]
-    pairs = world.ranking_to_pairs(row["ranking"])
-    kept = [(w, lo) for w, lo in pairs if key[w] != key[lo]]
-    return kept, len(pairs) - len(kept)
-
-
-def is_heldout(prompt: list[dict], fraction: float) -> bool:
-    """Whether a prompt belongs to the eval slice: a hash of its text, so the split does not
-    depend on the file's order and repeated prompts land on the same side."""
-    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
-
-
-def world_task(prompt: list[dict]):
-    """The world task a one-turn prompt states, or None (real data)."""
-    if len(prompt) != 1 or prompt[0]["role"] != "user":
-        return None
-    try:
-        return world.task_from_prompt(prompt[0]["content"])
-    except UserError:
-        return None
-
-
-# --- rendering and scoring -----------------------------------------------------------------------
-
-
-def render_for_rm(tok: Tokenizer, prompt, response, ended: bool, block_size: int) -> list[int]:
-    """prompt (messages, or already rendered ids ending in <|assistant_start|>) + response (text or
-    ids) + <|assistant_end|> when the response ended; longer than the context: its last block_size
-    tokens (the prompt's oldest go; the score is read at the end)."""
-    p = tok.render_prompt(prompt) if prompt and isinstance(prompt[0], dict) else list(prompt)
-    r = tok.encode(response) if isinstance(response, str) else list(response)
-    seq = p + r + ([tok.special(ASSISTANT_END)] if ended else [])
-    return seq[-block_size:]
-
-
-def score_texts(rm: ScalarModel, tokenizer: Tokenizer, prompts: list, responses: list, ended: list[bool] | None = None,
-                batch_size: int = 64) -> list[float]:
-    """The reward of each (prompt, response), rendered exactly as the RM was trained (`render_for_rm`).
-    prompts: message lists or rendered prompt ids; responses: text (re-encoded) or token ids
-    (without the end token: `ended` says whether to append it; default all ended)."""
-    ended = [True] * len(responses) if ended is None else ended
-    block = rm.config.block_size
-    seqs = [render_for_rm(tokenizer, p, r, e, block) for p, r, e in zip(prompts, responses, ended)]
-    return score_ids(rm, seqs, batch_size)
-
 
 # --- the loss ------------------------------------------------------------------------------------
 
@@ -201,122 +121,6 @@ def collate(items: list[dict]) -> tuple[list[list[int]], list[list[tuple[int, in
     return seqs, groups
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_rows(n: int, batch_size: int, seed: int, step: int, micro: int = 0, grad_accum: int = 1, rank: int = 0,
-               world_size: int = 1) -> list[int]:
-    """The rows of one micro-batch: epoch after epoch of seeded shuffles of range(n), the position
-    a function of (step, micro, rank) alone, so a resumed run draws what it would have drawn."""
-    start = ((step * grad_accum + micro) * world_size + rank) * batch_size
-    return [int(_permutation(n, seed, g // n)[g % n]) for g in range(start, start + batch_size)]
-
-
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-def rankdata(x: list[float]) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank (as scipy.stats.rankdata)."""
-    a = np.asarray(x, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(1, len(a) + 1)
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson's r of the average ranks); None when either is constant."""
-    rx, ry = rankdata(x), rankdata(y)
-    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def preference_metrics(rows: list[dict], scores: list[list[float]], correct: list[list[bool] | None]) -> dict:
-    """The held-out figures of the module docstring from rows (responses, ranking, optional
-    "gold"), the RM's scores per row, and per row which responses are right (None: not a world prompt)."""
-    agree = pairs = 0.0
-    labeler_hits = labeler_pairs = rm_gold_hits = 0.0
-    cvw_hits = cvw_pairs = 0.0
-    all_scores, all_gold = [], []
-    for row, s, ok in zip(rows, scores, correct):
-        kept, _ = ranking_pairs(row)
-        gold = row.get("gold")
-        for w, lo in kept:
-            pairs += 1
-            agree += 1.0 if s[w] > s[lo] else 0.5 if s[w] == s[lo] else 0.0
-            if gold is not None and gold[w] != gold[lo]:
-                labeler_pairs += 1
-                labeler_hits += gold[w] > gold[lo]
-                better, worse = (w, lo) if gold[w] > gold[lo] else (lo, w)
-                rm_gold_hits += 1.0 if s[better] > s[worse] else 0.5 if s[better] == s[worse] else 0.0
-        if ok is not None:
-            for i in range(len(s)):
-                for j in range(i + 1, len(s)):
-                    if ok[i] != ok[j]:
-                        right, wrong = (i, j) if ok[i] else (j, i)
-                        cvw_pairs += 1
-                        cvw_hits += 1.0 if s[right] > s[wrong] else 0.5 if s[right] == s[wrong] else 0.0
-        if gold is not None:
-            all_scores += s
-            all_gold += gold
-    out = {"eval/accuracy": agree / pairs if pairs else None, "eval/pairs": int(pairs),
-           # pairs taken as independent (they are not within a K-wise prompt: read it as a rough guide)
-           "eval/accuracy_ci95": wilson_interval(agree, int(pairs))}
-    # with world prompts the ground-truth keys are always there (null when no pair qualifies), so
-    # summary.json keeps DESIGN.md's keys even on a tiny held-out set
-    world_rows = any(ok is not None for ok in correct) or bool(all_gold)
-    if cvw_pairs or world_rows:
-        out["eval/correct_vs_wrong_accuracy"] = cvw_hits / cvw_pairs if cvw_pairs else None
-        out["eval/correct_vs_wrong_pairs"] = int(cvw_pairs)
-    if all_gold:
-        out["eval/gold_spearman"] = spearman(all_scores, all_gold)
-    if labeler_pairs or world_rows:
-        out["eval/labeler_gold_agreement"] = labeler_hits / labeler_pairs if labeler_pairs else None
-        out["eval/gold_pair_accuracy"] = rm_gold_hits / labeler_pairs if labeler_pairs else None
-        out["eval/gold_differs_pairs"] = int(labeler_pairs)
-    return out
-
-
-def policy_accuracy(policy, tok: Tokenizer, tasks: list, max_new_tokens: int) -> dict:
-    """The SFT policy's greedy accuracy on `tasks` (the eval protocol's decoding)."""
-    from ..engine import generate  # noqa: PLC0415
-
-    prompts = [tok.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks]
-    end = tok.special(ASSISTANT_END)
-    out = generate(policy.eval(), prompts, max_new_tokens, n=1, temperature=0.0, stop_ids=[end], truncate=True)
-    right = sum(world.is_correct(t, tok.decode([x for x in c.tokens if x != end])) for t, (c,) in zip(tasks, out))
-    return {"policy/accuracy": right / len(tasks), "policy/accuracy_ci95": wilson_interval(right, len(tasks)),
-            "policy/n_prompts": len(tasks)}
-
-
-@torch.inference_mode()
-def likelihood_scores(policy, tok: Tokenizer, items: list[dict]) -> list[list[float]]:
-    """Per response, the SFT policy's mean log-probability per token: a discriminator with no
-    training at all (the generator's own knowledge), to read the RM's figures against."""
-    from ..engine.rollout import sequence_logprobs  # noqa: PLC0415
-
-    prompts, responses, shape = [], [], []
-    for x in items:
-        row = x["row"]
-        ended = row.get("ended") or [True] * len(row["responses"])
-        p = tok.render_prompt(row["prompt"])
-        for r, e in zip(row["responses"], ended):
-            prompts.append(p)
-            responses.append(tok.encode(r) + ([tok.special(ASSISTANT_END)] if e else []))
-        shape.append(len(row["responses"]))
-    flat = [lp / max(len(r), 1) for lp, r in zip(sequence_logprobs(policy.eval(), prompts, responses), responses)]
-    out, k = [], 0
-    for n in shape:
-        out.append(flat[k : k + n])
-        k += n
-    return out
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -341,7 +145,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     train, held = [], []
     identical = truncated = 0
     for row in rows:
-        pairs, same = ranking_pairs(row)
+        pairs, same = distinct_pairs(row)
         identical += same
         if not pairs:
             continue
@@ -395,7 +199,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         return out
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
-        rows = batch_rows(len(train), tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
+        rows = batch_indices(len(train), tc.batch_size, tc.seed, step, micro, tc.grad_accum, info.rank, info.world)
         items = [train[i] for i in rows]
         seqs, groups = collate(items)
         if not tc.lm_coef:
@@ -423,7 +227,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     # --- held-out evaluation, the policy's own accuracy, normalisation -----------------------------
     summary: dict = {}
     if info.is_main:
-        tasks = [world_task(x["row"]["prompt"]) for x in held]
+        tasks = [world.task_from_messages(x["row"]["prompt"]) for x in held]
         correct = []
         for x, task in zip(held, tasks):
             row = x["row"]
@@ -434,8 +238,9 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
         figures = preference_metrics([x["row"] for x in held], held_out_scores(), correct)
         world_tasks = [t for t in tasks if t is not None]
         if world_tasks:
-            figures.update(policy_accuracy(policy, tok, world_tasks, tc.max_new_tokens))
-            likelihood = preference_metrics([x["row"] for x in held], likelihood_scores(policy, tok, held), correct)
+            figures.update(greedy_accuracy(policy, tok, world_problems(world_tasks), tc.max_new_tokens, prefix="policy")[0])
+            held_rows = [x["row"] for x in held]
+            likelihood = preference_metrics(held_rows, likelihood_scores(policy, tok, held_rows), correct)
             if "eval/correct_vs_wrong_accuracy" in likelihood:
                 figures["policy/logprob_correct_vs_wrong_accuracy"] = likelihood["eval/correct_vs_wrong_accuracy"]
         mean, std = normalization(rm, policy, tok, [x["row"]["prompt"] for x in train], tc, cfg.rm.seed)

@@ -17,16 +17,9 @@ disjoint groups of N, and each method picks one response per group:
 is used once, so N = 1 is the policy's plain accuracy at T); `tokens[method][N]` is the mean number
 of tokens generated per prompt: those of the N samples.
 
-prm_search is a step-level beam search guided by the PRM at the same generated-token budget: each
-prompt gets the tokens best-of-N spent on it at that N (the mean over its groups). A round gives
-each of the N // expand kept beams `expand` children of one step (sampled up to a newline or
-<|assistant_end|>, at most `step_tokens` tokens), scores every child by the PRM over its complete
-steps, sets finished ones aside and keeps the best unfinished ones. A beam that can no longer beat
-the best finished one (the min and the product only fall as steps are added) is pruned; when no beam
-is left and a full round's budget is, the search starts again from the root. Each round is
-planned so that children x their token cap fit the remaining budget (`plan_round`), so the search
-can never exceed it; `tokens["prm_search"]` is what it actually generated. The answer is the
-finished beam with the best score.
+prm_search (engine/step_search.py) is a step-level beam search guided by the PRM at the same
+generated-token budget: each prompt gets the tokens best-of-N spent on it at that N (the mean over
+its groups), and `tokens["prm_search"]` is what it actually generated (never more).
 
 Writes RUN/search/summary.json (the keys above, plus `oracle` = pass@N, `accuracy_ci95`, paired
 win/loss counts between methods) and picks.jsonl (every method's pick at the largest N, to read).
@@ -36,10 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,54 +39,17 @@ from tqdm.auto import tqdm
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
-from ..data.formats import check_answer, extract_final_answer, read_dataset
+from ..data.formats import read_dataset
 from ..engine import generate
-from ..eval.protocol import wilson_interval
+from ..engine.scoring import AGGREGATIONS, aggregate, score_responses
+from ..engine.step_search import prm_search
+from ..eval.problems import file_problems, world_problems
+from ..eval.stats import wilson_interval
 from ..rundir import check_same_tokenizer, check_vocab, load_scalar_model, load_stage, scalar_kind, write_config
-from ..tokenizer import ASSISTANT_END, Tokenizer
-from ..world.gold import _canonical
-from .prm import AGGREGATIONS, aggregate, head_logits, render_response
+from ..tokenizer import ASSISTANT_END
 
 STAGE = "search"
 METHODS = ("prm", "orm", "rm", "majority", "prm_search")
-
-
-@dataclass
-class Problem:
-    prompt: str
-    prompt_ids: list[int]
-    is_right: Callable[[str], bool]
-    answer_key: Callable[[str], object]   # the final answer, normalised (majority vote); None: no answer
-
-
-def world_problems(tok: Tokenizer, cfg: Config) -> list[Problem]:
-    """The held-out eval set of the chosen families, exactly as the eval protocol has it."""
-    tasks = [t for t in world.eval_set(cfg.world) if t.family in cfg.search.families]
-    return [Problem(t.prompt, tok.render_prompt([{"role": "user", "content": t.prompt}]),
-                    lambda text, t=t: world.is_correct(t, text),
-                    lambda text, t=t: _canonical(t.answer_kind, world.extract_answer(text)))
-            for t in tasks]
-
-
-def _numeric_key(text: str):
-    got = extract_final_answer(text)
-    if got is None:
-        return None
-    try:
-        return float(got)
-    except ValueError:
-        return got.strip().lower()
-
-
-def file_problems(tok: Tokenizer, rows: list[dict]) -> list[Problem]:
-    """Prompts with answers (GSM8K, prompt + answer), checked like GSM8K (`check_answer`)."""
-    return [Problem(r["prompt"][-1]["content"], tok.render_prompt(r["prompt"]),
-                    lambda text, a=r["answer"]: check_answer(text, a), _numeric_key) for r in rows]
-
-
-def newline_ids(tok: Tokenizer) -> list[int]:
-    """Every token whose text contains a newline: where a step ends."""
-    return [i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)]
 
 
 def resolve_scalar(path: str | Path, kind: str) -> Path:
@@ -149,133 +102,7 @@ def group_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
     return np.stack([tokens[:, g].sum(axis=1) for g in groups(n, tokens.shape[1])], axis=1).mean(axis=1)
 
 
-# --- PRM-guided step-level beam search ------------------------------------------------------------
-
-
-def plan_round(beams: int, expand: int, remaining: int, step_tokens: int) -> tuple[list[int], int]:
-    """Children per kept beam (best first) this round and the token cap of each, such that
-    children x cap <= remaining: a round can never take the search past its budget. While the
-    budget allows, each beam gets `expand` children of up to `step_tokens` tokens; as it runs out,
-    fewer children (the best beams keep theirs) rather than cut steps; the last few tokens go to
-    one child of the best beam."""
-    if remaining <= 0 or beams <= 0:
-        return [], 0
-    rows = min(beams * expand, remaining // step_tokens)
-    if rows == 0:
-        return [1], remaining
-    return [min(expand, rows - b * expand) for b in range(beams) if rows > b * expand], step_tokens
-
-
-@dataclass
-class Beam:
-    tokens: list[int]       # the response so far, as sampled
-    score: float = 1.0      # PRM aggregate over its complete steps (1 before the first)
-    complete: int = 0       # complete steps scored
-    ended: bool = False
-
-
-def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: list[int], n: int, sc,
-               seed: int = 0, progress: bool = True) -> tuple[list[Beam], list[int]]:
-    """Step-level beam search for every prompt at once -> (chosen beam, tokens generated) per
-    prompt. `budgets[p]`: the most tokens prompt p may generate (see the module docstring)."""
-    end = tok.special(ASSISTANT_END)
-    stops = newline_ids(tok) + [end]
-    expand, width = min(sc.expand, n), max(1, n // sc.expand)
-    ctx = policy.config.block_size
-    active = [[Beam([])] for _ in prompts]
-    finished: list[list[Beam]] = [[] for _ in prompts]
-    # if nothing finishes (the budget ran out first), the answer is the most advanced unfinished beam
-    fallback: list[Beam] = [Beam([]) for _ in prompts]
-    used = [0] * len(prompts)
-
-    def keep_fallback(p: int, beams: list[Beam]) -> None:
-        for b in beams:
-            if (b.complete, b.score, len(b.tokens)) > (fallback[p].complete, fallback[p].score, len(fallback[p].tokens)):
-                fallback[p] = b
-
-    bar = tqdm(desc=f"prm_search N={n}", unit="round", disable=not progress, dynamic_ncols=True, leave=False)
-    for rnd in range(10_000):
-        # --- plan: which beams get how many children, of how many tokens at most -----------------
-        requests = []  # (prompt, beam, children, cap)
-        for p, beams in enumerate(active):
-            if not beams and budgets[p] - used[p] >= expand * sc.step_tokens:
-                # every beam finished or was pruned with a full round's budget left: search again
-                # from the root (new samples); the best finished score still prunes the new beams
-                beams = active[p] = [Beam([])]
-            counts, cap = plan_round(len(beams), expand, budgets[p] - used[p], sc.step_tokens)
-            for beam, k in zip(beams, counts):
-                room = min(cap, sc.max_new_tokens - len(beam.tokens), ctx + 1 - len(prompts[p]) - len(beam.tokens))
-                if room > 0:
-                    requests.append((p, beam, k, room))
-            keep_fallback(p, beams)
-        if not requests:
-            break
-        # --- expand: one engine call per (cap, children) group --------------------------------
-        children: list[list[tuple[Beam, Beam]]] = [[] for _ in prompts]
-        by_shape: dict[tuple[int, int], list] = {}
-        for req in requests:
-            by_shape.setdefault((req[3], req[2]), []).append(req)
-        for (cap, k), reqs in sorted(by_shape.items()):
-            call_seed = zlib.crc32(f"{seed}/{n}/{rnd}/{cap}/{k}".encode())
-            outs = generate(policy, [prompts[p] + beam.tokens for p, beam, _, _ in reqs], cap, n=k,
-                            temperature=sc.temperature, stop_ids=stops, seed=call_seed)
-            for (p, beam, _, _), samples in zip(reqs, outs):
-                for c in samples:
-                    used[p] += len(c.tokens)
-                    tokens = beam.tokens + c.tokens
-                    children[p].append((beam, Beam(tokens, ended=bool(c.tokens) and c.tokens[-1] == end)))
-        # --- score children that completed a step ---------------------------------------------
-        to_score = []
-        for p, kids in enumerate(children):
-            seen = set()
-            unique = []
-            for parent, child in kids:
-                key = tuple(child.tokens)
-                if key in seen:
-                    continue  # a duplicate adds nothing to the beam (its tokens still count)
-                seen.add(key)
-                text = tok.decode([t for t in child.tokens if t != end])
-                r = render_response(tok, prompts[p], text, child.ended)
-                child.score, child.complete = parent.score, parent.complete
-                if r.complete > parent.complete or child.ended:  # an ended one is read at <|assistant_end|>
-                    to_score.append((child, r))
-                unique.append(child)
-            children[p] = unique
-        if to_score:
-            logits = head_logits(prm, [r.ids for _, r in to_score], [r.ends[: r.complete] for _, r in to_score],
-                                 sc.score_batch_size)
-            for (child, r), vals in zip(to_score, logits):
-                child.score = aggregate([1 / (1 + math.exp(-v)) for v in vals], sc.aggregate)
-                child.complete = r.complete
-        # --- select: finished aside, the best unfinished kept, hopeless ones pruned -------------
-        for p, kids in enumerate(children):
-            finished[p] += [c for c in kids if c.ended]
-            best_done = max((c.score for c in finished[p]), default=-1.0)
-            alive, dead = [], []
-            for c in kids:  # a child at the length limit or the context's end can grow no further
-                if not c.ended:
-                    full = len(c.tokens) >= sc.max_new_tokens or len(prompts[p]) + len(c.tokens) > ctx
-                    (dead if full else alive).append(c)
-            alive.sort(key=lambda c: -c.score)
-            keep_fallback(p, dead)
-            active[p] = [c for c in alive if c.score > best_done][:width]
-            keep_fallback(p, alive[width:])
-        bar.update(1)
-    bar.close()
-    chosen = []
-    for p in range(len(prompts)):
-        chosen.append(max(finished[p], key=lambda b: b.score) if finished[p] else fallback[p])  # first of equals
-    return chosen, used
-
-
 # --- the stage ------------------------------------------------------------------------------------
-
-
-def _score_all(model, tok, prompts, texts, ended, batch_size, per_step: bool) -> list[list[float]]:
-    """Head outputs at each step's end (per_step) or at the last token, for prompt + response rows."""
-    rendered = [render_response(tok, p, t, e) for p, t, e in zip(prompts, texts, ended)]
-    positions = [r.ends for r in rendered] if per_step else [[len(r.ids) - 1] for r in rendered]
-    return head_logits(model, [r.ids for r in rendered], positions, batch_size)
 
 
 def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Path, orm_dir: str | Path | None = None,
@@ -314,12 +141,12 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
         verifiers[name] = model.eval()
     if data not in (None, "world"):
         ds = read_dataset(data, expect="verifiable")
-        problems = file_problems(tok, ds.rows)
+        problems = file_problems(ds.rows)
     else:
         bad = [f for f in sc.families if f not in world.FAMILIES]
         if bad or not sc.families:
             raise UserError(f"search.families: expected a list of {', '.join(world.FAMILIES)}, got {sc.families!r}")
-        problems = world_problems(tok, cfg)
+        problems = world_problems([t for t in world.eval_set(cfg.world) if t.family in sc.families])
     if sc.prompts:
         problems = problems[: sc.prompts]
     if not problems:
@@ -331,7 +158,7 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
 
     # --- sample max(N) responses per prompt, score each with every verifier ---------------------
     S, end = ns[-1], tok.special(ASSISTANT_END)
-    prompts = [pr.prompt_ids for pr in problems]
+    prompts = [tok.render_prompt(pr.messages) for pr in problems]
     completions = []
     for c0 in tqdm(range(0, len(prompts), sc.batch_size), desc=f"search: {S} samples", unit="batch", dynamic_ncols=True):
         completions += generate(policy, prompts[c0 : c0 + sc.batch_size], sc.max_new_tokens, n=S,
@@ -344,14 +171,14 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
     tokens = np.array([len(c.tokens) for cs in completions for c in cs]).reshape(-1, S)
     flat_prompts = [prompts[p] for p in flat_p]
     scores: dict[str, np.ndarray] = {}
-    step_logits = _score_all(verifiers["prm"], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=True)
+    step_logits = score_responses(verifiers["prm"], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=True)
     for how in AGGREGATIONS:
         scores[f"prm_{how}"] = np.array([aggregate([1 / (1 + math.exp(-v)) for v in vals], how)
                                          for vals in step_logits]).reshape(-1, S)
     scores["prm"] = scores[f"prm_{sc.aggregate}"]
     for name in ("orm", "rm"):
         if name in verifiers:
-            vals = _score_all(verifiers[name], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=False)
+            vals = score_responses(verifiers[name], tok, flat_prompts, texts, ended, sc.score_batch_size, per_step=False)
             scores[name] = np.array([v[0] for v in vals]).reshape(-1, S)
 
     # --- best-of-N tables --------------------------------------------------------------------

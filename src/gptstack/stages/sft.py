@@ -24,6 +24,7 @@ import torch
 from .. import world
 from ..common import UserError, atomic_write_json, atomic_write_text
 from ..config import Config
+from ..data.batches import batch_indices
 from ..data.formats import read_dataset, warn
 from ..data.packing import attention_pair_cost, cheapest_packing
 from ..eval import protocol
@@ -72,9 +73,7 @@ def get_batch(rendered: list[np.ndarray], batch_size: int, seed: int, step: int,
     numbering the conversations of each row (the model keeps attention and positions within one,
     see GPT.hidden_states), so the loss is the padded batch's while the ~40 % of padding a world
     batch carries is mostly gone."""
-    g = np.random.default_rng([seed, step, micro])
-    drawn = g.integers(0, len(rendered), size=batch_size * world_size)
-    rows = drawn[rank * batch_size : (rank + 1) * batch_size].tolist()
+    rows = batch_indices(len(rendered), batch_size, seed, step, micro, rank=rank, world=world_size, replace=True).tolist()
     if pack_to:
         lengths = [rendered[r].shape[1] for r in rows]
         bins = [[rows[i] for i in b] for b in cheapest_packing(lengths, pack_to, pair_cost)]

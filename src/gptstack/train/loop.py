@@ -22,9 +22,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
-from ..common import TrainingDiverged, UserError, atomic_write_json, remove_stale_temps
+from ..common import TrainingDiverged, UserError, remove_stale_temps
+from ..rundir import save_model, write_config, write_summary
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
-from ..rundir import save_model, write_config
 from .dist import DistInfo, all_reduce_mean, print0, wrap_model
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
@@ -230,7 +230,7 @@ class Session:
         model_sd, _ = self.full_state_dicts()
         if self.info.is_main:
             save_model(self.stage_dir, weights(model_sd) if weights else model_sd, self.config, metadata)
-            atomic_write_json(self.stage_dir / "summary.json", summary)
+            write_summary(self.stage_dir, summary)
             if final_metrics:
                 self.logger.log(self.tc.max_steps, **final_metrics)
         self.logger.close()

@@ -19,8 +19,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
             is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
             (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per parameter for the whole update, on CUDA and CPU alike (on CPU 4x faster
-    # than foreach for the tiny model: 1.0 vs 4.1 ms per step; equal to foreach within 1 ulp)
+    # fused: one kernel per parameter for the whole update, on CUDA and CPU alike (on CPU much
+    # faster than foreach for small models, the same update to rounding; bench/RESULTS.md)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 

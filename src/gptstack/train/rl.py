@@ -10,6 +10,7 @@ Pure functions of tensors, so each is tested against a hand-computed answer (tes
     adv, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)   # PPO
     adv = group_advantages(scores, group_size) / rloo_advantages(...)  # GRPO / RLOO
     loss, clipfrac, approxkl = clipped_policy_loss(new_logp, old_logp, adv, mask, clip=0.2)
+    explained_variance(values, returns, mask)                        # how well the critic predicts
 """
 from __future__ import annotations
 
@@ -136,6 +137,40 @@ class AdaptiveKLController:
             error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """1 - Var(returns - values) / Var(returns) over the real tokens (CleanRL's
+    losses/explained_variance): 1 when the critic predicts the returns exactly, 0 when it does no
+    better than their mean, below 0 when worse. None when the returns do not vary."""
+    def var(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    var_returns = var(returns)
+    if var_returns.item() == 0:
+        return None
+    return 1.0 - (var(returns - values) / var_returns).item()
+
+
+class HackAlarm:
+    """Warns when the proxy keeps rising while gold falls: window means of the last two windows."""
+
+    def __init__(self, window: int, history: list | None = None):
+        self.window, self.history, self.fired_at = window, history or [], -10**9
+
+    def update(self, update: int, proxy: float, gold: float | None) -> bool:
+        if gold is None:
+            return False
+        self.history.append((proxy, gold))
+        w = self.window
+        if len(self.history) < 2 * w or update - self.fired_at < w:
+            return False
+        prev, last = self.history[-2 * w : -w], self.history[-w:]
+        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+        if mean(last, 0) > mean(prev, 0) and mean(last, 1) < mean(prev, 1) - 0.005:
+            self.fired_at = update
+            return True
+        return False
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@
 See tasks.py (families, decontamination), styles.py (the ways a task can be answered), gold.py (the reward formula, the step checker),
 labeler.py (Bradley-Terry / Plackett-Luce noise and biases), documents.py (pretraining text).
 """
+from ..data.comparisons import ranking_pairs as ranking_to_pairs  # the pairs every stage uses, by the world's name
 from .documents import documents, english_documents, task_document, world_documents
 from .gold import (GoldScore, StepCheck, answer_key, check_steps, extract_answer, gold, is_correct, score,
                    split_steps, step_labels, summarize)
-from ..data.comparisons import ranking_pairs as ranking_to_pairs  # the pairs every stage uses, by the world's name
 from .labeler import Judgement, Labeler
 from .styles import STYLES, describe, style_of, words
 from .tasks import (FAMILIES, LEVELS, EvalIndex, Task, WorldConfig, as_task, demonstrations, eval_index,

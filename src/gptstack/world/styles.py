@@ -1,7 +1,7 @@
 """Response styles: the several ways an assistant can answer one task, so answers differ.
 
 A world taught one fixed template per task gives a near-deterministic SFT policy that no reward can
-move (docs/LOG.md: 1.8 nats per response, every RL stage within 1 point of SFT). Real assistants
+move (figures in docs/LOG.md). Real assistants
 vary in length, tone and how much work they show, and real labelers have tastes about that. Every
 task can be answered in each of these styles (all end with the one answer line, "The answer is X."):
 

@@ -1,0 +1,51 @@
+"""Held-out measurements during RL: the points of the over-optimization curve (Gao et al. 2023).
+
+At each evaluation the policy samples at T = 1 on a fixed spread of the world's eval prompts, and a
+point records its KL to the reference, d = sqrt(KL), the gold reward, accuracy, the proxy (RM)
+score and what the responses are like; eval/fits.py fits gold against d.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import world
+from ..engine.rollout import rollout, token_logprobs
+from ..model.heads import ScalarModel
+from ..tokenizer import ASSISTANT_END, Tokenizer
+from .problems import Problem, world_problems
+from .rewards import gold_and_hacks, response_texts
+
+if TYPE_CHECKING:
+    from ..config import RLConfig
+
+
+def heldout_items(world_config: world.WorldConfig, n: int) -> list[Problem]:
+    """`n` prompts of the world's eval set, spread evenly over it (all families)."""
+    tasks = world.eval_set(world_config)
+    return world_problems([tasks[(i * len(tasks)) // n] for i in range(min(n, len(tasks)))])
+
+
+@torch.no_grad()
+def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Problem], tok: Tokenizer, tc: RLConfig,
+                  seed: int) -> dict:
+    """Proxy (RM) and gold reward, accuracy and KL(pi || pi_ref) of T = 1 samples on held-out prompts."""
+    policy.eval()
+    prompt_ids = [tok.render_prompt(it.messages) for it in items]
+    batch = rollout(policy, prompt_ids, tc.eval_samples, tc.max_new_tokens, temperature=1.0,
+                    stop_ids=[tok.special(ASSISTANT_END)], seed=seed, truncate=True)
+    texts = response_texts(tok, batch)
+    extra = gold_and_hacks(items, batch, texts)
+    kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
+    point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
+             "accuracy": extra["correct"].mean().item(), **world.describe(texts)}
+    if rm is not None:
+        scores = rm.score(batch.ids, pad_mask=batch.pad_mask)
+        point["proxy"] = scores.mean().item()
+    # a few responses as they read at this point (the report shows them at the proxy's peak)
+    point["samples"] = [{"prompt": items[batch.prompt_index[i]].messages[-1]["content"], "response": texts[i],
+                         "gold": float(extra["gold"][i]), **({"proxy": float(scores[i])} if rm is not None else {})}
+                        for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
+    return point
