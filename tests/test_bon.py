@@ -10,6 +10,7 @@ import torch
 from gptstack.common import UserError
 from gptstack.config import build_config
 from gptstack.eval.fits import fit_gain, kl_bon
+from gptstack.eval.stats import pick_best
 from gptstack.model.gpt import GPT
 from gptstack.model.heads import ScalarModel
 from gptstack.rundir import save_model, save_scalar_model
@@ -22,15 +23,15 @@ SMALL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_si
 
 def test_pick_best_is_the_argmax_of_each_disjoint_block():
     proxy = np.array([[0.1, 0.9, 0.5, 0.2, 0.3, 0.3, 0.0, 0.7]])
-    assert bon.pick_best(proxy, 1).tolist() == [list(range(8))]
-    assert bon.pick_best(proxy, 2).tolist() == [[1, 2, 4, 7]]          # a tie (0.3, 0.3) -> the first
-    assert bon.pick_best(proxy, 4).tolist() == [[1, 7]]
-    assert bon.pick_best(proxy, 8).tolist() == [[1]]
-    assert bon.pick_best(proxy, 3).tolist() == [[1, 4]]                # 8 // 3 = 2 blocks (tie 0.3, 0.3 -> the first), the rest unused
+    assert pick_best(proxy, 1).tolist() == [list(range(8))]
+    assert pick_best(proxy, 2).tolist() == [[1, 2, 4, 7]]          # a tie (0.3, 0.3) -> the first
+    assert pick_best(proxy, 4).tolist() == [[1, 7]]
+    assert pick_best(proxy, 8).tolist() == [[1]]
+    assert pick_best(proxy, 3).tolist() == [[1, 4]]                # 8 // 3 = 2 blocks (tie 0.3, 0.3 -> the first), the rest unused
     rng = np.random.default_rng(0)
     big = rng.normal(size=(5, 64))
     for n in (2, 4, 16, 64):
-        picks = bon.pick_best(big, n)
+        picks = pick_best(big, n)
         for p in range(5):
             for j in range(64 // n):
                 assert picks[p, j] == j * n + int(np.argmax(big[p, j * n : (j + 1) * n]))

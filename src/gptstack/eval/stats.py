@@ -172,3 +172,12 @@ def preference_metrics(rows: list[dict], scores: list[list[float]], correct: lis
         out["eval/gold_pair_accuracy"] = rm_gold_hits / labeler_pairs if labeler_pairs else None
         out["eval/gold_differs_pairs"] = int(labeler_pairs)
     return out
+
+
+def pick_best(scores: np.ndarray, n: int) -> np.ndarray:
+    """Best-of-n selection: (P, N) scores -> (P, N // n) index of the argmax in each disjoint
+    consecutive block of n (the first on a tie). Blocks of one draw nest, so a larger n can only
+    pick a response the scorer likes at least as much."""
+    P, N = scores.shape
+    blocks = scores[:, : (N // n) * n].reshape(P, N // n, n)
+    return blocks.argmax(axis=2) + np.arange(N // n)[None, :] * n

@@ -34,26 +34,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
-from ..common import UserError, atomic_write_json, atomic_write_text
+from ..common import UserError, atomic_write_text
 from ..config import Config
 from ..engine.scoring import score_texts
 from ..eval.fits import fit_gain, kl_bon
+from ..eval.stats import pick_best
 from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, weights_digest,
-                      write_config)
+                      write_config, write_summary)
 from ..tokenizer import ASSISTANT_END
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
 
 STAGE = "bon"
 BLOCK = 32  # prompts per generate call (a progress-bar step)
-
-
-def pick_best(proxy: np.ndarray, n: int) -> np.ndarray:
-    """(P, N) proxy scores -> (P, N // n) index of the argmax in each disjoint consecutive block of n
-    (the first on a tie)."""
-    P, N = proxy.shape
-    blocks = proxy[:, : (N // n) * n].reshape(P, N // n, n)
-    return blocks.argmax(axis=2) + np.arange(N // n)[None, :] * n
 
 
 def best_of_n_table(ns: list[int], proxy: np.ndarray, gold: np.ndarray, correct: np.ndarray) -> list[dict]:
@@ -141,7 +134,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
         "first_proxy": proxy[i, 0], f"best_of_{N}": texts[i][best[i]], "best_gold": gold[i, best[i]],
         "best_proxy": proxy[i, best[i]]}) + "\n" for i, t in enumerate(tasks)))
     write_config(stage_dir, cfg.to_dict())
-    atomic_write_json(stage_dir / "summary.json", summary)
+    write_summary(stage_dir, summary)
     metrics = MetricsLogger(stage_dir)  # one line per n ("step" = n), for plots against n
     for r in by_n:
         metrics.log(r["n"], **{f"bon/{k}": r[k] for k in ("kl", "d", "proxy", "gold", "accuracy")})

@@ -30,10 +30,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import world
-from ..common import UserError, atomic_write_json, atomic_write_text
+from ..common import UserError, atomic_write_text
 from ..config import Config
-from ..data.comparisons import load_preferences, ranking_pairs
-from ..rundir import write_config
+from ..data.comparisons import load_preferences
+from ..data.feedback import gold_agreement
+from ..rundir import write_config, write_summary
 from ..train.dist import print0
 
 STAGE = "prefs"
@@ -103,13 +104,7 @@ def label_stats(rows: list[dict]) -> dict:
            "prefs/pairs": sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in rows)}
     with_gold = [r for r in rows if "gold" in r]
     if with_gold:
-        agree = differ = 0
-        for r in with_gold:
-            g = r["gold"]
-            for w, lo in ranking_pairs(r["ranking"]):
-                if g[w] != g[lo]:
-                    differ += 1
-                    agree += g[w] > g[lo]
+        agree, differ = gold_agreement([(r["ranking"], r["gold"]) for r in with_gold])
         golds = [x for r in with_gold for x in r["gold"]]
         out.update({"prefs/gold_mean": sum(golds) / len(golds),
                     "prefs/labeler_gold_agreement": agree / differ if differ else None})
@@ -162,7 +157,7 @@ def run(cfg: Config, source: str | Path | None, out: str | Path, rankings: str |
     atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_config(stage_dir, cfg.to_dict())
     summary = {**label_stats(rows), **counts, "wall_seconds": time.perf_counter() - t_start}
-    atomic_write_json(stage_dir / "summary.json", summary)
+    write_summary(stage_dir, summary)
     agree = summary.get("prefs/labeler_gold_agreement")
     print0(f"prefs: {len(rows):,} ranked prompts ({summary['prefs/pairs']:,} pairs)"
            + (f", labels agree with gold on {agree:.1%} of pairs whose gold differs" if agree is not None else "")

@@ -57,7 +57,7 @@ from ..eval.verifiers import verifier_figures
 from ..model.heads import ScalarModel
 from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..train.checkpoint import load_checkpoint
-from ..rundir import adopt_model, adopt_tokenizer, load_stage
+from ..rundir import adopt_model, adopt_tokenizer, load_stage, write_summary
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
 
@@ -320,7 +320,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
     session.finish(summary, metadata={"gptstack_head": "prm"},
                    **{k: v for k, v in summary.items() if "/eval/" in k})
     if info.is_main:
-        atomic_write_json(orm_dir / "summary.json", {k: v for k, v in summary.items() if not k.startswith("prm/")})
+        write_summary(orm_dir, {k: v for k, v in summary.items() if not k.startswith("prm/")})
         print0(f"prm: held-out outcome AUROC PRM {summary.get('prm/eval/outcome_auroc', float('nan')):.3f} "
                f"(min over steps), ORM {summary.get('orm/eval/outcome_auroc', float('nan')):.3f}; "
                f"step accuracy {summary.get('prm/eval/step_accuracy', float('nan')):.1%}; wrote {stage_dir}")

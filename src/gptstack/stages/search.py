@@ -37,15 +37,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
-from ..common import UserError, atomic_write_json, atomic_write_text
+from ..common import UserError, atomic_write_text
 from ..config import Config
 from ..data.formats import read_dataset
 from ..engine import generate
 from ..engine.scoring import AGGREGATIONS, aggregate, score_responses
 from ..engine.step_search import prm_search
 from ..eval.problems import file_problems, world_problems
-from ..eval.stats import wilson_interval
-from ..rundir import check_same_tokenizer, check_vocab, load_scalar_model, load_stage, scalar_kind, write_config
+from ..eval.stats import pick_best, wilson_interval
+from ..rundir import (check_same_tokenizer, check_vocab, load_scalar_model, load_stage, scalar_kind, write_config,
+                      write_summary)
 from ..tokenizer import ASSISTANT_END
 
 STAGE = "search"
@@ -72,8 +73,7 @@ def groups(n: int, samples: int) -> list[slice]:
 def best_of_n(scores: np.ndarray, correct: np.ndarray, n: int) -> np.ndarray:
     """(P, S) scores and correctness -> (P, G): is the highest-scored sample of each group right
     (ties: the first)."""
-    return np.stack([correct[np.arange(len(scores)), g.start + scores[:, g].argmax(axis=1)]
-                     for g in groups(n, scores.shape[1])], axis=1)
+    return np.take_along_axis(correct, pick_best(scores, n), axis=1)
 
 
 def vote(keys: list) -> int | None:
@@ -257,7 +257,7 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
         row["samples_correct"] = int(correct[p].sum())
         picks.append(row)
     atomic_write_text(stage_dir / "picks.jsonl", "".join(json.dumps(r) + "\n" for r in picks))
-    atomic_write_json(stage_dir / "summary.json", summary)
+    write_summary(stage_dir, summary)
     print(f"search: wrote {stage_dir} ({P} prompts x {S} samples; {summary['wall_seconds']:.0f} s, "
           f"search {search_seconds:.0f} s)")
     return summary
