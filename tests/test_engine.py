@@ -9,7 +9,7 @@ import torch
 from gptstack.common import UserError
 from gptstack.engine import generate, sample_tokens, stream_uniforms
 from gptstack.engine import sampling
-from gptstack.model import GPT, GPTConfig
+from gptstack.model import GPT, GPTConfig, inference
 
 V = 61
 
@@ -136,13 +136,13 @@ def test_stops_at_stop_id_and_sets_finished(monkeypatch):
 def test_n_samples_share_the_prefill_and_are_independent_draws(monkeypatch):
     model = make()
     calls = []
-    forward = sampling._Decoder.forward
+    forward = inference.Decoder.forward
 
     def spy(self, ids, *a, **k):
         calls.append(tuple(ids.shape))
         return forward(self, ids, *a, **k)
 
-    monkeypatch.setattr(sampling._Decoder, "forward", spy)
+    monkeypatch.setattr(inference.Decoder, "forward", spy)
     prompt = [5, 3, 9, 1]
     got = generate(model, [prompt], 2, n=4000, seed=1)[0]
     assert calls == [(1, 4), (4000, 1)]  # one prefill of the prompt, then one step for all 4000 streams
@@ -285,14 +285,14 @@ def test_half_precision_rope_path_and_autocast(monkeypatch):
     # bf16/fp16 have no complex multiply: the real-arithmetic RoPE must give the same results
     model = make(n_kv_head=2)
     want = generate(model, PROMPTS, 12, n=2, seed=6)
-    init = sampling._Decoder.__init__
+    init = inference.Decoder.__init__
 
     def real_rope(self, *a, **k):
         init(self, *a, **k)
         if self.complex_rope:
             self.complex_rope, self.rot = False, torch.view_as_real(self.rot)
 
-    monkeypatch.setattr(sampling._Decoder, "__init__", real_rope)
+    monkeypatch.setattr(inference.Decoder, "__init__", real_rope)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not leak in
         got = generate(model, PROMPTS, 12, n=2, seed=6)
     assert [[c.tokens for c in r] for r in got] == [[c.tokens for c in r] for r in want]
