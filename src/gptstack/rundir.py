@@ -147,20 +147,13 @@ def check_same_tokenizer(stage_a: str | Path, stage_b: str | Path) -> None:
     dirs = [Path(stage_a).parent / "tokenizer", Path(stage_b).parent / "tokenizer"]
     if dirs[0].resolve() == dirs[1].resolve():
         return
-    found = []
-    for d in dirs:
-        path = d / "gptstack.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no tokenizer here (expected the run's tokenizer beside {d.parent})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        found.append({k: data.get(k) for k in ("ranks", "special_tokens", "pattern")})
-    differ = [k for k in ("ranks", "special_tokens", "pattern") if found[0][k] != found[1][k]]
-    if differ:
-        raise UserError(f"{stage_a} and {stage_b} use different tokenizers ({dirs[0]} and {dirs[1]} differ in "
-                        f"{', '.join(differ)}); they must come from the same run's tokenizer")
+    ids = [stored_identity(d) for d in dirs]
+    for d, identity in zip(dirs, ids):
+        if identity is None:
+            raise UserError(f"{d / 'gptstack.json'}: no tokenizer here (expected the run's tokenizer beside {d.parent})")
+    if ids[0] != ids[1]:
+        raise UserError(f"{stage_a} and {stage_b} use different tokenizers ({dirs[0]} is {ids[0][:19]}, {dirs[1]} is "
+                        f"{ids[1][:19]}: ranks, specials or pattern differ); they must come from the same run's tokenizer")
 
 
 def load_stage(stage_dir: str | Path, device: str = "cpu"):
