@@ -381,13 +381,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .config import Config
     from .model.hf import import_hf
-    from .rundir import save_model
+    from .rundir import adopt_tokenizer, save_model
+    from .tokenizer import Tokenizer
+    from .tokenizer.tokenizer import stored_identity
 
+    # DIR's tokenizer.json, if any, becomes RUN/tokenizer: read (or refused) before anything is
+    # loaded or written, and written before the stage, whose config.json is stamped with it
+    source, run = Path(args.dir), Path(args.out)
+    tok = Tokenizer.from_huggingface(source) if (source / "tokenizer.json").is_file() else None
     model = import_hf(args.dir)
+    if tok is not None:
+        if tok.vocab_size != model.config.vocab_size:  # as every stage checks (rundir.check_vocab)
+            raise UserError(f"{source / 'tokenizer.json'}: {tok.vocab_size} ids (0..{tok.vocab_size - 1}), but "
+                            f"{source / 'config.json'} vocab_size is {model.config.vocab_size}; gptstack needs "
+                            "them equal")
+        have = stored_identity(run / "tokenizer")
+        if have is not None and have != tok.identity:
+            raise UserError(f"{run / 'tokenizer'} holds another tokenizer ({have[:19]}) than {source / 'tokenizer.json'} "
+                            f"({tok.identity[:19]}): write to a new run directory instead")
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save(tmp)
+            adopt_tokenizer(Path(tmp), run)
     cfg = Config(name=f"import:{args.dir}", model=model.config)
-    stage = Path(args.out) / "pretrain"
+    stage = run / "pretrain"
     save_model(stage, model.state_dict(), cfg.to_dict())
-    print(f"wrote {stage} ({model.num_params() / 1e6:.1f}M params)", file=sys.stderr)
+    print(f"wrote {stage} ({model.num_params() / 1e6:.1f}M params)"
+          + (f" and {run / 'tokenizer'} ({tok.vocab_size} ids)" if tok else " (no tokenizer.json in DIR)"),
+          file=sys.stderr)
     return 0
 
 
@@ -696,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", help="import a local HF Llama checkpoint", formatter_class=fmt,
                               description="Load a local Llama-architecture checkpoint (config.json + "
-                                          "*.safetensors) into gptstack as OUT/pretrain.")
+                                          "*.safetensors) into gptstack as OUT/pretrain, and its byte-level BPE "
+                                          "tokenizer.json, where there is one, as OUT/tokenizer.")
     imp.add_argument("--from", dest="source", choices=("hf",), default="hf", help="source format")
     imp.add_argument("dir", metavar="DIR", help="HF model directory")
     imp.add_argument("out", metavar="OUT", help="run directory to write OUT/pretrain into")

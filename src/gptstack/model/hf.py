@@ -18,7 +18,8 @@ from ..common import UserError, atomic_write_bytes, atomic_write_json
 from .gpt import GPT, GPTConfig
 
 
-def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -40,6 +41,7 @@ def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None =
         "initializer_range": cfg.init_std,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
         "torch_dtype": "float32",
         "use_cache": True,
     }
@@ -66,18 +68,27 @@ def to_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write config.json, model.safetensors, generation_config.json (+ the tokenizer files)."""
+    """Write config.json, model.safetensors, generation_config.json (+ the tokenizer files).
+
+    With a tokenizer, the directory works unchanged with `apply_chat_template` and
+    `pipeline("text-generation")`: tokenizer_config.json carries the chat template, bos/eos/pad
+    tokens (see `formats.hf_special_tokens`), and generation_config.json the tokens that end a
+    generation (<|assistant_end|>, <|bos|>) and the pad id for batches.
+    """
     out_dir = Path(out_dir)
-    bos = eos = None
+    bos = eos = pad = None
     if tokenizer is not None:
-        bos = tokenizer.special_tokens.get("<|bos|>")
-        eos = tokenizer.special_tokens.get("<|assistant_end|>")
+        # the tokenizer layer decides the special tokens (formats.hf_special_tokens); read them back
+        tokenizer.to_huggingface(out_dir)
+        named = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        bos, eos, pad = (tokenizer.special_tokens.get(named.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    # generation ends where a turn ends (eos) or where a document does (<|bos|> starts the next one)
+    ends = list(dict.fromkeys(i for i in (eos, bos) if i is not None))
     atomic_write_bytes(out_dir / "model.safetensors",
                        safetensors_bytes(to_llama_state_dict(model), metadata={"format": "pt"}))
-    atomic_write_json(out_dir / "config.json", llama_config(model.config, bos, eos))
-    atomic_write_json(out_dir / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
-    if tokenizer is not None:
-        tokenizer.to_huggingface(out_dir)
+    atomic_write_json(out_dir / "config.json", llama_config(model.config, bos, eos, pad))
+    atomic_write_json(out_dir / "generation_config.json",
+                      {"bos_token_id": bos, "eos_token_id": ends if len(ends) > 1 else eos, "pad_token_id": pad})
     return out_dir
 
 

@@ -177,7 +177,6 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
     `AutoTokenizer.from_pretrained`) or a file name ending in .json.
     """
     from .bpe import NO_SPLIT_PATTERN
-    from .tokenizer import ASSISTANT_END, BOS
 
     path = Path(path)
     directory, file = (path.parent, path) if path.suffix == ".json" else (path, path / "tokenizer.json")
@@ -206,7 +205,7 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
         ],
         "normalizer": None,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
+        "post_processor": _bos_post_processor(tok),
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -221,14 +220,81 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
             "model_max_length": 1_000_000_000,
             "clean_up_tokenization_spaces": False,
         }
-        for key, special in (("bos_token", BOS), ("eos_token", ASSISTANT_END)):
-            if special in tok.special_tokens:
-                config[key] = special
-        if ENDOFTEXT in tok.special_tokens:
-            config.setdefault("bos_token", ENDOFTEXT)
-            config.setdefault("eos_token", ENDOFTEXT)
+        specials = hf_special_tokens(tok)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if specials[key] is not None:
+                config[key] = specials[key]
+        if specials["chat"]:
+            config["chat_template"] = CHAT_TEMPLATE
         atomic_write_json(directory / "tokenizer_config.json", config)
     return file
+
+
+# gptstack's chat rendering (Tokenizer.render_conversation / render_prompt) as a Jinja chat template,
+# for `apply_chat_template`: <|bos|>, then <|user_start|> u <|user_end|> <|assistant_start|> a
+# <|assistant_end|> per turn, a leading system message joined to the first user turn with a blank
+# line, and <|assistant_start|> as the generation prompt. Roles are checked as gptstack checks them.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- if not turns -%}{{- raise_exception('messages: expected at least one user turn') -}}{%- endif -%}"
+    "<|bos|>"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+    "{{- raise_exception('messages: after an optional leading system message, roles alternate user, assistant, ...; got ' + m['role'] + ' at turn ' + loop.index0|string) -}}"
+    "{%- endif -%}"
+    "{%- if m['content'] is not string -%}{{- raise_exception('messages: content must be a string') -}}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "<|user_start|>{%- if loop.first and system is not none -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+    "{{- m['content'] -}}<|user_end|>"
+    "{%- else -%}<|assistant_start|>{{- m['content'] -}}<|assistant_end|>{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
+)
+
+
+def hf_special_tokens(tok: "Tokenizer") -> dict:
+    """Which specials HF's files name: bos/eos/pad token strings, and whether the chat template
+    applies (the tokenizer has all the chat specials).
+
+    eos is <|assistant_end|> (where a chat turn ends; gptstack's chat stops there); the export's
+    generation_config.json also ends generation on <|bos|>, which begins every pretraining document
+    and so is what a model emits where its text ends. pad is a special that never occurs in rendered
+    text: <|step|> (reserved, never inserted), else the last special outside BOS and the chat turn
+    markers. Not <|bos|>: every sequence starts with it, and `generate` given no attention mask
+    would take it for padding. Not <|assistant_end|>: collators mask the labels of pad tokens, so a
+    model fine-tuned on such batches would not learn to stop.
+    """
+    from .tokenizer import ASSISTANT_END, ASSISTANT_START, BOS, STEP, USER_END, USER_START
+
+    have = tok.special_tokens
+    chat_tokens = (USER_START, USER_END, ASSISTANT_START, ASSISTANT_END)
+    bos = BOS if BOS in have else (ENDOFTEXT if ENDOFTEXT in have else None)
+    eos = ASSISTANT_END if ASSISTANT_END in have else (ENDOFTEXT if ENDOFTEXT in have else None)
+    unused = [s for s, _ in sorted(have.items(), key=lambda kv: kv[1]) if s not in (BOS, *chat_tokens)]
+    pad = STEP if STEP in unused else (unused[-1] if unused else None)
+    return {"bos_token": bos, "eos_token": eos, "pad_token": pad,
+            "chat": BOS in have and all(s in have for s in chat_tokens)}
+
+
+def _bos_post_processor(tok: "Tokenizer") -> dict | None:
+    """`tokenizer(text)` starts with <|bos|>, as every sequence gptstack feeds its model does (each
+    pretraining document, `sample`'s prompt, each rendered chat); `encode` itself adds none, so
+    `add_special_tokens=False` gives gptstack's `encode` ids. The chat template writes its own
+    <|bos|> and `apply_chat_template` encodes without special tokens, so chats get one BOS."""
+    from .tokenizer import BOS
+
+    if BOS not in tok.special_tokens:
+        return None
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {BOS: {"id": BOS, "ids": [tok.special_tokens[BOS]], "tokens": [BOS]}},
+    }
 
 
 def ranks_sorted(ranks: dict[bytes, int]) -> list[tuple[bytes, int]]:

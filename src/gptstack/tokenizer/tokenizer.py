@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,11 +27,13 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 STEP = "<|step|>"
 DEFAULT_SPECIALS = (BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, STEP)
 
-FORMAT_VERSION = 1
+# 2: text_tokens (a file without them is written as version 1, byte for byte as before)
+FORMAT_VERSION = 2
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer. Token id == BPE rank; special tokens follow the ranks."""
+    """Byte-level BPE tokenizer. Token id == BPE rank; special tokens have ids of their own (after
+    the ranks, but for imported vocabularies that put them first)."""
 
     def __init__(
         self,
@@ -38,7 +41,13 @@ class Tokenizer:
         pattern: str | None = "gpt4",
         special_tokens: dict[str, int] | Sequence[str] = (),
         name: str = "gptstack",
+        text_tokens: Sequence[str] = (),
+        special_roles: dict[str, str] | None = None,
     ):
+        """`text_tokens`: specials that `encode` also matches in text (HF's non-special added tokens,
+        kept so an imported tokenizer gives HF's ids); every other special enters only by id.
+        `special_roles`: {"bos_token"|"eos_token"|"pad_token": special} as an imported tokenizer's
+        HF files name them; `bos_id` falls back to bos_token where there is no <|bos|>."""
         self.pattern_name = pattern if pattern in PATTERNS else ("none" if pattern is None else "custom")
         self.pattern = resolve_pattern(pattern)
         if not isinstance(special_tokens, dict):
@@ -46,6 +55,15 @@ class Tokenizer:
         self.mergeable_ranks = dict(mergeable_ranks)
         self.special_tokens = dict(special_tokens)
         self.name = name
+        self.text_tokens = list(dict.fromkeys(text_tokens))
+        self.special_roles = dict(special_roles or {})
+        for field, names in (("text_tokens", self.text_tokens), ("special_roles", self.special_roles.values())):
+            if unknown := [s for s in names if s not in self.special_tokens]:
+                raise UserError(f"tokenizer: {field}: {unknown} are not special tokens")
+        # leftmost, then longest, as HF matches added tokens
+        self._text_split = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(self.text_tokens, key=len, reverse=True)) + ")"
+        ) if self.text_tokens else None
         missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
         if missing:
             raise UserError(f"tokenizer: byte-level BPE needs all 256 single bytes; missing {missing[:5]}...")
@@ -112,11 +130,21 @@ class Tokenizer:
         return self._enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary text -> ids. Special-token strings in `text` stay plain text."""
-        return self._enc.encode_ordinary(text)
+        """Ordinary text -> ids. Special-token strings in `text` stay plain text (but `text_tokens`)."""
+        if self._text_split is None:
+            return self._enc.encode_ordinary(text)
+        ids: list[int] = []
+        for k, piece in enumerate(self._text_split.split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self._enc.encode_ordinary(piece)
+        return ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Many texts at once, on `num_threads` threads (tiktoken releases the GIL)."""
+        if self._text_split is not None:
+            return [self.encode(t) for t in texts]
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -140,6 +168,9 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
+        """<|bos|>; in an imported tokenizer without it, the special its HF files name bos_token."""
+        if BOS not in self.special_tokens and "bos_token" in self.special_roles:
+            return self.special_tokens[self.special_roles["bos_token"]]
         return self.special(BOS)
 
     # --- chat template ----------------------------------------------------------------------
@@ -180,7 +211,7 @@ class Tokenizer:
         if getattr(self, "_identity", None) is None:
             from .formats import ranks_sorted
             ranks = [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks_sorted(self.mergeable_ranks)]
-            self._identity = content_identity(ranks, self.pattern, self.special_tokens)
+            self._identity = content_identity(ranks, self.pattern, self.special_tokens, self.text_tokens)
         return self._identity
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -189,21 +220,22 @@ class Tokenizer:
 
         directory = Path(directory)
         ranks = ranks_sorted(self.mergeable_ranks)
-        atomic_write_json(
-            directory / "gptstack.json",
-            {
-                "format": "gptstack-tokenizer",
-                "version": FORMAT_VERSION,
-                "name": self.name,
-                "pattern_name": self.pattern_name,
-                "pattern": self.pattern,
-                "special_tokens": self.special_tokens,
-                # [base64 token bytes, rank]; ranks of imported vocabularies need not start at 0
-                # for single bytes (GPT-2's do not), so both are stored.
-                "ranks": [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks],
-            },
-            indent=None,
-        )
+        data = {
+            "format": "gptstack-tokenizer",
+            "version": FORMAT_VERSION if self.text_tokens else 1,
+            "name": self.name,
+            "pattern_name": self.pattern_name,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+        }
+        if self.text_tokens:
+            data["text_tokens"] = self.text_tokens
+        if self.special_roles:
+            data["special_roles"] = self.special_roles
+        # [base64 token bytes, rank]; ranks of imported vocabularies need not start at 0
+        # for single bytes (GPT-2's do not), so both are stored.
+        data["ranks"] = [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks]
+        atomic_write_json(directory / "gptstack.json", data, indent=None)
         to_huggingface(self, directory)
 
     @classmethod
@@ -222,7 +254,8 @@ class Tokenizer:
         ranks = {base64.b64decode(t): r for t, r in data["ranks"]}
         name = data.get("pattern_name")
         pattern = name if name in PATTERNS else data["pattern"]
-        tok = cls(ranks, pattern=pattern, special_tokens=data["special_tokens"], name=data.get("name", "gptstack"))
+        tok = cls(ranks, pattern=pattern, special_tokens=data["special_tokens"], name=data.get("name", "gptstack"),
+                  text_tokens=data.get("text_tokens", ()), special_roles=data.get("special_roles"))
         if tok.pattern != data["pattern"]:
             raise UserError(f"{path}: pattern {name!r} differs from the stored regex; the file was edited by hand?")
         return tok
@@ -234,6 +267,24 @@ class Tokenizer:
 
         ranks, specials = load_gpt2_files(encoder_json, vocab_bpe)
         return cls(ranks, pattern="gpt2", special_tokens=specials, name="gpt2")
+
+    @classmethod
+    def from_huggingface(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """A HF fast tokenizer (a directory with tokenizer.json, or the file) -> the same ids as
+        `transformers.AutoTokenizer` with add_special_tokens=False and split_special_tokens=True.
+
+        Byte-level BPE only (GPT-2, Llama 3, SmolLM style); what tiktoken cannot reproduce is
+        refused with the file and field named (see `hf_import`). Added tokens keep their ids: the
+        special ones as specials, the others as `text_tokens`; bos/eos/pad go to `special_roles`.
+        """
+        from .hf_import import read_huggingface, tokenizer_file
+
+        kwargs = read_huggingface(directory)
+        try:
+            return cls(**kwargs)
+        except UserError as e:  # the Split regex tiktoken's engine cannot compile
+            field = "pre_tokenizer: " if str(e).startswith("pattern:") else ""
+            raise UserError(f"{tokenizer_file(directory)}: {field}{e}") from None
 
     @classmethod
     def from_tiktoken_file(
@@ -300,11 +351,14 @@ def _validate_messages(messages: Sequence[dict], final_role: str | None) -> list
     return turns
 
 
-def content_identity(ranks: list, pattern: str, special_tokens: dict) -> str:
+def content_identity(ranks: list, pattern: str, special_tokens: dict, text_tokens: Sequence[str] = ()) -> str:
     """The identity of a tokenizer as gptstack.json stores it ([b64 token, rank] pairs by rank)."""
     import hashlib
 
-    blob = json.dumps({"ranks": ranks, "pattern": pattern, "special_tokens": special_tokens}, sort_keys=True)
+    content = {"ranks": ranks, "pattern": pattern, "special_tokens": special_tokens}
+    if text_tokens:  # absent otherwise, so tokenizers without them keep their identity
+        content["text_tokens"] = list(text_tokens)
+    blob = json.dumps(content, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -312,7 +366,7 @@ def stored_identity(directory: str | os.PathLike) -> str | None:
     """The identity of the tokenizer saved in `directory` (without building it), None if there is none."""
     try:
         data = json.loads((Path(directory) / "gptstack.json").read_text(encoding="utf-8"))
-        return content_identity(data["ranks"], data["pattern"], data["special_tokens"])
+        return content_identity(data["ranks"], data["pattern"], data["special_tokens"], data.get("text_tokens", ()))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as e:
