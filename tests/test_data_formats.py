@@ -2,6 +2,7 @@
 import gzip
 import json
 import re
+import sys
 
 import pytest
 
@@ -265,3 +266,99 @@ def test_answer_checker():
     assert check_answer("The answer is 1,080.", "1080") and check_answer("#### 18.5", "18.50")
     assert not check_answer("The answer is 7. Later I said 8", "8")
     assert not check_answer("nothing", "3")
+
+
+# --- parquet files and `datasets` save_to_disk folders (the datasets extra) -------------------------
+
+USER, BOT = {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "The answer is 5."}
+TABLE_FORMATS = {
+    "messages": [{"messages": [USER, BOT]},
+                 {"messages": [{"role": "system", "content": "Be brief."}, USER, BOT, {"role": "user", "content": "And 4 + 4?"},
+                               {"role": "assistant", "content": "8"}]}],
+    "prompt-completion": [{"prompt": "Say hi.", "completion": "hi"}, {"prompt": "Say yo.", "completion": "yo"},
+                          {"prompt": "Say nothing.", "completion": " "}],              # irregular: counted alike
+    "preference": [{"prompt": "Pick.", "chosen": "A", "rejected": "B"}, {"prompt": "Pick.", "chosen": "C", "rejected": "C"}],
+    "ranking": [{"prompt": "Rank.", "responses": ["a", "b", "c"], "ranking": [2, 0, 1], "gold": [0.5, 0.1, 0.9]}],
+    "stepwise": [{"prompt": "2 + 3 + 4?", "completions": ["2 + 3 = 5", "5 + 4 = 9"], "labels": [True, False]},
+                 {"prompt": "1 + 1?", "completions": ["1 + 1 = 2"], "labels": [True]}],
+    "gsm8k": [{"question": "How many?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}],
+    # the second row has no "input": the table holds a null there, read as the absent key it is in JSONL
+    "alpaca": [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "output": "hi"}],
+}
+
+
+def write_tables(tmp_path, rows):
+    """The same rows as JSONL, parquet, a save_to_disk Dataset folder and a DatasetDict folder."""
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "rows.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"test": table.select([0]), "train": table}).save_to_disk(str(tmp_path / "dict"))
+    return write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "rows.parquet", tmp_path / "saved", tmp_path / "dict"
+
+
+@pytest.mark.parametrize("name", TABLE_FORMATS)
+def test_parquet_and_save_to_disk_read_as_the_jsonl_of_the_same_rows(tmp_path, name):
+    jsonl, *tables = write_tables(tmp_path, TABLE_FORMATS[name])
+    want = read_dataset(jsonl)
+    for path in tables:
+        got = read_dataset(path)
+        assert (got.kind, got.source, got.rows, got.lines, got.n_rows, got.usable, got.skipped) == \
+               (want.kind, want.source, want.rows, want.lines, want.n_rows, want.usable, want.skipped), path
+        assert got.describe() == want.describe().replace(str(jsonl), str(path))
+
+
+def test_parquet_bad_rows_name_file_and_row_and_data_check_reads_tables(tmp_path, capsys):
+    from gptstack.cli import main
+
+    rows = [{"messages": [USER, BOT]}, {"messages": [USER, {"role": "robot", "content": "beep"}]},
+            {"messages": [USER, BOT]}, {"messages": [USER, {"role": "user", "content": "again"}]}]
+    jsonl, parquet, saved, dictionary = write_tables(tmp_path, rows)
+    for path in (parquet, saved, dictionary):
+        with pytest.raises(UserError) as e:
+            read_dataset(path)
+        assert str(e.value).splitlines()[1:] == [
+            f"{path}:2: messages[1].role: expected one of system, user, assistant, got 'robot'",
+            f"{path}:4: messages[1]: same role twice in a row; expected user and assistant turns to alternate"]
+        ds = read_dataset(path, skip_bad_rows=True)
+        assert (ds.usable, ds.skipped, ds.lines) == (2, {"bad row": 2}, [1, 3])
+    assert main(["data", "check", "--json", str(jsonl), str(parquet), str(saved)]) == 2
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["errors"] for r in reports[1:]] == [[e.replace(str(jsonl), str(p)) for e in reports[0]["errors"]]
+                                                  for p in (parquet, saved)]
+    write_tables(tmp_path, TABLE_FORMATS["prompt-completion"])
+    assert main(["data", "check", str(parquet), str(saved)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{parquet}: sft, 3 rows (2 usable, 1 skipped: empty final assistant turn ×1) [trl]",
+                   f"{saved}: sft, 3 rows (2 usable, 1 skipped: empty final assistant turn ×1) [trl]"]
+
+
+def test_table_folders_without_a_train_split_or_marker_files_are_refused(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_list(TABLE_FORMATS["prompt-completion"][:2])
+    datasets.DatasetDict({"validation": table, "test": table}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(UserError) as e:
+        read_dataset(tmp_path / "dict")
+    assert str(e.value) == (f"{tmp_path / 'dict'}: a DatasetDict with the splits validation, test and no train split; "
+                            f"expected a train split, or pass one split's folder ({tmp_path / 'dict' / 'validation'})")
+    assert read_dataset(tmp_path / "dict" / "test").usable == 2   # one split's folder is a Dataset folder
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="plain: is a directory, expected a data file"):
+        read_dataset(tmp_path / "plain")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"broken\.parquet: not a valid parquet file"):
+        read_dataset(tmp_path / "broken.parquet")
+
+
+def test_tables_without_the_datasets_extra_say_how_to_install_it(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    _, parquet, saved, _ = write_tables(tmp_path, TABLE_FORMATS["gsm8k"])
+    for module in ("datasets", "pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, module, None)   # import raises ImportError, as when not installed
+    with pytest.raises(UserError) as e:
+        read_dataset(parquet)
+    assert str(e.value) == f"{parquet}: reading parquet needs the datasets extra: pip install 'gptstack[datasets]'"
+    with pytest.raises(UserError) as e:
+        read_dataset(saved)
+    assert str(e.value) == (f"{saved}: reading a datasets save_to_disk folder needs the datasets extra: "
+                            "pip install 'gptstack[datasets]'")

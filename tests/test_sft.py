@@ -170,3 +170,58 @@ def test_eval_command_prints_the_protocol(fine_tuned):
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     assert figures["eval/n_prompts"] == 10 and "eval/pass@1" in figures and figures["eval/kl_to_sft"] == 0.0
+
+
+def sum_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {i} + {i + 1}?"},
+                          {"role": "assistant", "content": f"{i} + {i + 1} = {2 * i + 1}.\nThe answer is {2 * i + 1}."}]}
+            for i in range(n)]
+
+
+def test_sft_on_a_file_holds_out_a_slice_and_reports_its_loss(pretrained, tmp_path):
+    from gptstack.data.split import is_heldout
+    from gptstack.report import ReportConfig, write_report
+    from gptstack.rundir import load_stage
+
+    rows = sum_rows(60)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config("tiny", sets=SMALL + ["sft.heldout_fraction=0.2"])
+    held = [r["messages"] for r in rows if is_heldout(r["messages"][:-1], 0.2)]   # the one rule, on the prompt
+    assert 0 < len(held) < len(rows)
+    # the held-out conversations are never trained on: training draws only from the rest
+    train, counts, heldout = sft.load_conversations(str(path), cfg, skip_bad_rows=False)
+    assert [c for c, _ in heldout] == held and heldout[0][1] is None
+    assert not any(c in held for c in train) and len(train) + len(held) == counts["data/usable"] == len(rows)
+    none_held = sft.load_conversations(str(path), build_config("tiny", sets=SMALL + ["sft.heldout_fraction=0"]), False)
+    assert len(none_held[0]) == len(rows) and none_held[2] == []
+
+    summary = sft.run(cfg, pretrained / "pretrain", tmp_path / "out", data=str(path))
+    saved = json.loads((tmp_path / "out/sft/summary.json").read_text())
+    assert saved["heldout/conversations"] == len(held)
+    assert saved["data/train_conversations"] + saved["heldout/conversations"] == saved["data/usable"] == len(rows)
+    assert "heldout/accuracy" not in saved and summary["heldout/loss"] == saved["heldout/loss"]
+    # the training loss (the model's own cross-entropy on the loss mask), token-weighted over the slice
+    model, _, tok = load_stage(tmp_path / "out/sft", "cpu")
+    nats = tokens = 0
+    with torch.no_grad():
+        for (x, y) in sft.render_all(tok, held, 128)[0]:
+            n = int((y >= 0).sum())
+            nats, tokens = nats + model(torch.from_numpy(x)[None], torch.from_numpy(y)[None]).item() * n, tokens + n
+    assert saved["heldout/loss"] == pytest.approx(nats / tokens, rel=1e-4)
+    md = write_report(tmp_path / "out", ReportConfig(samples=1, dpi=20))[0].read_text()
+    assert f"| held-out loss (nats/token) | {saved['heldout/loss']:.3f} | `heldout/loss` |" in md
+
+
+def test_sft_on_gsm8k_rows_reports_the_heldout_greedy_accuracy(pretrained, tmp_path):
+    rows = [{"question": f"What is {i} + {i + 1}?", "answer": f"{i} + {i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n"
+                                                             f"#### {2 * i + 1}"} for i in range(40)]
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config("tiny", sets=SMALL + ["sft.heldout_fraction=0.25"])
+    saved = sft.run(cfg, pretrained / "pretrain", tmp_path / "out", data=str(path))
+    n = saved["heldout/conversations"]
+    assert 0 < n < 40 and saved["heldout/n_prompts"] == n and saved["data/train_conversations"] == 40 - n
+    lo, hi = saved["heldout/accuracy_ci95"]
+    assert lo <= saved["heldout/accuracy"] <= hi
+    assert [lo, hi] == pytest.approx(wilson_interval(round(saved["heldout/accuracy"] * n), n))

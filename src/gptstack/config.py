@@ -85,6 +85,7 @@ class SFTConfig(TrainConfig):
     checkpoint_every: int = field(default=200, metadata={"range": "[0, inf)", "help": "write a resumable checkpoint every N steps"})
     demos: int = field(default=20000, metadata={"range": "[1, inf)", "help": "world demonstrations to fine-tune on (when no --data file)"})
     packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss without computing most of its padding); false: one padded row each"})
+    heldout_fraction: float = field(default=0.05, metadata={"range": "[0, 1)", "help": "--data FILE: fraction of its prompts held out, never trained on, for heldout/loss (and heldout/accuracy on GSM8K rows); split by a hash of the prompt (data/split.py); 0 = none. The world demonstrations hold out nothing: the eval protocol measures them"})
 
 
 @dataclass
@@ -255,6 +256,27 @@ class SearchConfig:
     threads: int = field(default=0, metadata={"range": "[0, inf)", "help": "torch CPU threads (0 = all cores)"})
 
 
+@dataclass
+class LogConfig:
+    """Where a training stage's metrics go beside RUN/<stage>/metrics.jsonl and TensorBoard."""
+
+    wandb: bool = field(default=False, metadata={"help": "also log every metric of metrics.jsonl to Weights & Biases, with TRL's names for SFT and DPO (needs pip install 'gptstack[wandb]'; WANDB_MODE=offline writes the run locally)"})
+    wandb_project: str = field(default="gptstack", metadata={"help": "W&B project"})
+    wandb_run: str = field(default="", metadata={"help": "W&B run name prefix and group: each stage's run is <prefix>/<stage> (empty: the run directory's name)"})
+    wandb_entity: str = field(default="", metadata={"help": "W&B entity, a user or team (empty: your default entity)"})
+
+    def wandb_module(self):
+        """The wandb package when log.wandb is set, None when it is not; one UserError when it is
+        set and the package is missing (build_config asks, so that comes before any work)."""
+        if not self.wandb:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("log.wandb: needs the wandb package: pip install 'gptstack[wandb]'") from None
+        return wandb
+
+
 # The pipeline's stages, in order (pipeline.py runs them; [run.eta] keys are checked against them).
 STAGES = ("pretrain", "sft", "prefs", "rm", "bon", "ppo", "overopt", "grpo", "dpo", "prm", "search")
 
@@ -293,6 +315,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -475,6 +498,7 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
     cfg.world.validate()
+    cfg.log.wandb_module()  # a missing optional package stops the run here, before any work
     return cfg
 
 

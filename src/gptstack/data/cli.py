@@ -60,11 +60,12 @@ def add_commands(commands, fmt) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = sub.add_parser(
         "check", help="validate files and count usable rows", formatter_class=fmt,
-        description="Read each file as a training stage would (JSON, JSONL, .gz; TRL text/messages/"
+        description="Read each file as a training stage would (JSON, JSONL, .gz; with the datasets extra also "
+                    ".parquet and datasets save_to_disk folders, rows numbered from 1; TRL text/messages/"
                     "prompt+completion/preference/prompt-only, hh-rlhf transcripts, GSM8K, self-instruct, "
                     "alpaca, K-wise rankings) and print FILE: KIND, N rows (M usable, K skipped: reasons). "
                     "Every structural error is listed as file:line: key: expected (exit status 2); "
                     "irregular rows are counted by reason with a warning (exit status 0).")
-    check.add_argument("files", nargs="+", metavar="FILE", help="data files to check")
+    check.add_argument("files", nargs="+", metavar="FILE", help="data files (or save_to_disk folders) to check")
     check.add_argument("--json", action="store_true", help="print one JSON report for all files instead of lines")
     check.set_defaults(handler=cmd_data_check)

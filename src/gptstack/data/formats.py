@@ -6,8 +6,11 @@
     ds.summary()    # flat keys for summary.json: data/rows, data/usable, data/skipped/<reason>
 
 Files: JSONL (one object per line), JSON (an array of objects, or JSONL named .json), either one
-gzipped (.gz), and plain text (.txt: one "text" row). The format is recognised from the keys of
-the first row and every row is then held to it:
+gzipped (.gz), and plain text (.txt: one "text" row). With the `datasets` extra (pip install
+'gptstack[datasets]'), also Parquet (.parquet) and `datasets` save_to_disk folders (a Dataset, or a
+DatasetDict's train split): their rows are numbered from 1 in place of lines, and a null column of a
+row counts as an absent key. The format is recognised from the keys of the first row and every row
+is then held to it:
 
   kind        source          keys                                       normalised row
   text        text            text                                       {"text"}
@@ -225,9 +228,12 @@ def _decode(text: str, start: int = 0, whole: bool = True):
 def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], list[str], str]:
     """All records of a JSON/JSONL(.gz) or text file: ([(line, value)], structural errors, layout).
 
-    Never stops at the first bad line: every undecodable or unparsable line is reported.
+    Never stops at the first bad line: every undecodable or unparsable line is reported. Parquet
+    files and `datasets` save_to_disk folders: see `_read_table`.
     """
     path = Path(path)
+    if path.suffix == ".parquet" or path.is_dir():
+        return _read_table(path)
     data = _read_bytes(path)
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one)
         data = data[3:]
@@ -262,6 +268,58 @@ def read_records(path: str | os.PathLike) -> tuple[list[tuple[int, object]], lis
             continue
         records.append((lineno, value))
     return records, errors, "jsonl"
+
+
+NEEDS_DATASETS = "needs the datasets extra: pip install 'gptstack[datasets]'"
+# pyarrow's errors subclass these (ArrowInvalid: ValueError, ArrowIOError: OSError, ArrowNotImplementedError: ...)
+_TABLE_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError)
+
+
+def _read_table(path: Path) -> tuple[list[tuple[int, object]], list[str], str]:
+    """The rows of a .parquet file or a `datasets` save_to_disk folder (a Dataset: dataset_info.json
+    + state.json; a DatasetDict: dataset_dict.json, whose train split is read), numbered from 1 as
+    lines are, so errors read `file:row: key: expected`. A row's null columns are left out: a table
+    has every column in every row, where a JSON row would not have the key. Both need the
+    `datasets` extra (which brings pyarrow); without it, one UserError says how to install it."""
+    if path.is_dir():
+        if not ((path / "dataset_dict.json").is_file()
+                or ((path / "dataset_info.json").is_file() and (path / "state.json").is_file())):
+            raise UserError(f"{path}: is a directory, expected a data file (JSONL, JSON, text, parquet) or a datasets "
+                            "save_to_disk folder (with dataset_info.json and state.json, or dataset_dict.json)")
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(f"{path}: reading a datasets save_to_disk folder {NEEDS_DATASETS}") from None
+        folder = path
+        if (path / "dataset_dict.json").is_file():
+            try:
+                splits = json.loads(read_bytes_file(path / "dataset_dict.json"))["splits"]
+                splits = [str(s) for s in splits]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path / 'dataset_dict.json'}: expected a JSON object with a list of \"splits\"") from None
+            if "train" not in splits:
+                raise UserError(f"{path}: a DatasetDict with the splits {', '.join(splits) or '(none)'} and no train "
+                                f"split; expected a train split, or pass one split's folder"
+                                + (f" ({path / splits[0]})" if splits else ""))
+            folder = path / "train"
+        try:
+            rows = datasets.load_from_disk(str(folder)).to_list()
+        except _TABLE_ERRORS as e:
+            raise UserError(f"{folder}: cannot read the save_to_disk folder ({type(e).__name__}: {e})") from None
+        layout = "arrow"
+    else:
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError:
+            raise UserError(f"{path}: reading parquet {NEEDS_DATASETS}") from None
+        data = read_bytes_file(path, "a parquet file")
+        try:
+            rows = pyarrow.parquet.read_table(pyarrow.BufferReader(data)).to_pylist()
+        except _TABLE_ERRORS as e:
+            raise UserError(f"{path}: not a valid parquet file ({type(e).__name__}: {e})") from None
+        layout = "parquet"
+    return [(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows, start=1)], [], layout
 
 
 def _read_json_array(path: Path, data: bytes) -> tuple[list, list]:

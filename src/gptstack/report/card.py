@@ -451,7 +451,13 @@ def section_pretrain(st: Stage, cfg: ReportConfig, sec: Section, **_) -> None:
 
 def section_sft(st: Stage, cfg: ReportConfig, sec: Section, s: dict[str, Stage]) -> None:
     figures_table(sec, st, policy_spec(st, "base/eval", "base: ") + policy_spec(st) +
-                  [("final training loss", "train/final_loss", number), ("steps", "steps", number)])
+                  [("final training loss", "train/final_loss", number), ("steps", "steps", number),
+                   # --data FILE: its held-out slice (sft.heldout_fraction), never trained on
+                   ("trained conversations", "data/train_conversations", number),
+                   ("held-out conversations", "heldout/conversations", number),
+                   ("held-out loss (nats/token)", "heldout/loss", number),
+                   ("held-out accuracy (greedy)", "heldout/accuracy", pct),
+                   ("held-out 95 % interval", "heldout/accuracy_ci95", interval)])
     columns = {"base (few-shot)": st.families("base/eval")} | {n: s[n].families() for n in POLICIES if s[n].ran}
     columns = {k: v for k, v in columns.items() if v}
     families = sorted({f for v in columns.values() for f in v})

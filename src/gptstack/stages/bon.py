@@ -135,7 +135,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
         "best_proxy": proxy[i, best[i]]}) + "\n" for i, t in enumerate(tasks)))
     write_config(stage_dir, cfg.to_dict())
     write_summary(stage_dir, summary)
-    metrics = MetricsLogger(stage_dir)  # one line per n ("step" = n), for plots against n
+    metrics = MetricsLogger(stage_dir, log=cfg.log, config=cfg.to_dict())  # one line per n ("step" = n), for plots against n
     for r in by_n:
         metrics.log(r["n"], **{f"bon/{k}": r[k] for k in ("kl", "d", "proxy", "gold", "accuracy")})
     metrics.close()

@@ -22,8 +22,10 @@ data/split.py) is held out: the implicit-reward accuracy on pairs never trained 
 The reference never changes, so its logprobs are computed once, before training, from the policy
 weights as loaded (which are the reference). Metrics use TRL's names: `loss`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
-(eval_ prefix for the held-out pairs). summary.json: the policy keys of the eval protocol, KL to
-the SFT model included, plus those figures. Writes RUN/dpo.
+(eval_ prefix for the held-out pairs), beside train/lr, train/grad_norm and train/epoch; W&B
+(log.wandb) also gets them as TRL's trainers write them there: train/loss, train/rewards/chosen,
+..., eval/rewards/accuracies, train/learning_rate. summary.json: the policy keys of the eval
+protocol, KL to the SFT model included, plus those figures. Writes RUN/dpo.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from ..tokenizer import ASSISTANT_END, Tokenizer
 from ..rundir import adopt_model, adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
+from ..train.metrics import trl_names
 
 STAGE = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -252,7 +255,9 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
 
     # --- train ------------------------------------------------------------------------------------
     model.train()
-    session = Session.start(tc, STAGE, model, stage_dir, info, cfg.to_dict(), state)
+    session = Session.start(tc, STAGE, model, stage_dir, info, cfg.to_dict(), state,
+                            aliases=trl_names(METRICS + ("nll_loss",)))
+    session.epoch_size = len(train)
     print0(f"dpo: {len(train):,} pairs from {len(np.unique(data.group[train])):,} prompts ({len(heldout):,} held "
            f"out), beta {tc.beta}, {tc.loss_type} loss, batch {tc.batch_size} x {tc.grad_accum} x {info.world}, "
            f"{tc.max_steps} steps = {tc.max_steps * tc.batch_size * tc.grad_accum * info.world / len(train):.2f} "
@@ -290,7 +295,7 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
             means = {k: all_reduce_mean(float(np.mean(v)), info) for k, v in window.items()}
             window = {}
             session.log(done, {"loss": f"{means['loss']:.3f}", "acc": f"{means['rewards/accuracies']:.2f}"},
-                        **means, **{"train/lr": lr, "train/grad_norm": grad_norm})
+                        **means, **{"train/lr": lr, "train/grad_norm": grad_norm}, **session.epoch(done))
             last_train = means
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and info.is_main and len(heldout):
             session.log(done, **heldout_metrics())

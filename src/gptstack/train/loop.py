@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from ..common import TrainingDiverged, UserError, remove_stale_temps
+from ..config import LogConfig
 from ..rundir import save_model, write_config, write_summary
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
 from .dist import DistInfo, all_reduce_mean, print0, wrap_model
@@ -52,13 +53,15 @@ class Session:
     skipped_steps: int = 0
     checkpoint_step: int | None = None   # the step of the checkpoint on disk
     last_loss: float | None = None       # the last finite step's loss (kept in checkpoints for the summary)
+    epoch_size: int | None = None        # examples per epoch, when the stage sets it: train/epoch is logged
     bar: tqdm | None = None
     _t_last: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def start(cls, tc, section: str, model: torch.nn.Module, stage_dir: Path, info: DistInfo, config: dict,
-              state: dict | None = None) -> "Session":
-        """Wrap, build the optimizer, restore `state` (a loaded checkpoint) if given."""
+              state: dict | None = None, aliases: dict[str, str] | None = None) -> "Session":
+        """Wrap, build the optimizer, restore `state` (a loaded checkpoint) if given. `aliases`: the
+        stage's metric keys -> TRL's names, logged to W&B beside ours (train/metrics.py)."""
         if tc.schedule not in SCHEDULES:
             raise UserError(f"{section}.schedule: expected one of {', '.join(SCHEDULES)}, got {tc.schedule!r}")
         try:
@@ -77,7 +80,8 @@ class Session:
             set_rng_state(state["rng"])
             print0(f"resuming {stage_dir} from step {start_step}", info=info)
         step_model = torch.compile(train_model) if tc.compile else train_model
-        logger = MetricsLogger(stage_dir, resume_step=start_step if state is not None else None, enabled=info.is_main)
+        logger = MetricsLogger(stage_dir, resume_step=start_step if state is not None else None, enabled=info.is_main,
+                               log=LogConfig(**config.get("log", {})), aliases=aliases, config=config)
         if info.is_main:
             write_config(stage_dir, config)
         session = cls(tc, section, model, train_model, step_model, optimizer, info, Path(stage_dir), config, dtype,
@@ -165,8 +169,9 @@ class Session:
     def run_steps(self, micro_loss: Callable[[int, int], torch.Tensor],
                   evaluate: Callable[[], dict] | None = None) -> float | None:
         """The plain training loop most stages share: micro_loss(step, micro) per micro-batch;
-        train/loss, train/lr and train/grad_norm every log_every steps; `evaluate()` (rank 0, its
-        dict logged) every eval_every steps; a checkpoint every checkpoint_every steps.
+        train/loss, train/lr, train/grad_norm (and train/epoch when epoch_size is set) every log_every
+        steps; `evaluate()` (rank 0, its dict logged) every eval_every steps; a checkpoint every
+        checkpoint_every steps.
         -> the last step's loss (restored from the checkpoint when a finished run is resumed)."""
         tc = self.tc
         for step in self.steps():
@@ -177,13 +182,21 @@ class Session:
             self.last_loss = loss
             done = step + 1
             if done % tc.log_every == 0 or done == tc.max_steps:
-                self.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm})
+                self.log(done, {"loss": f"{loss:.3f}"}, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm},
+                         **self.epoch(done))
             if evaluate and tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps and self.info.is_main:
                 self.log(done, **evaluate())
                 self.model.train()
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.max_steps:
                 self.checkpoint(done)
         return self.last_loss
+
+    def epoch(self, done: int) -> dict[str, float]:
+        """{"train/epoch": passes over the epoch_size examples after `done` steps} (TRL's `epoch`: every
+        rank draws batch_size x grad_accum examples a step), or {} when the stage did not set epoch_size."""
+        if not self.epoch_size:
+            return {}
+        return {"train/epoch": done * self.tc.batch_size * self.tc.grad_accum * self.info.world / self.epoch_size}
 
     def seconds_since_last_log(self) -> float:
         now = time.perf_counter()
