@@ -215,6 +215,20 @@ def test_save_load_keeps_ids_and_identity(built, tmp_path):
     assert plain.identity == llama.identity
 
 
+@pytest.mark.parametrize("style", list(SPECS))
+def test_an_imported_tokenizer_goes_back_to_hf_as_it_came(built, tmp_path, style):
+    """Saving an imported tokenizer writes an HF tokenizer.json with its own bos/eos/pad names and
+    its non-special added tokens still non-special: transformers reads back the same ids."""
+    _, _, ours, hf = built[style]
+    ours.save(tmp_path / "tok")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok", split_special_tokens=True)
+    for text in TRICKY:
+        assert hf_ids(back, text) == hf_ids(hf, text), text
+    for role in ("bos_token", "eos_token", "pad_token"):
+        if getattr(hf, role) is not None:
+            assert getattr(back, role) == getattr(hf, role), role
+
+
 def test_ignore_merges_true_changes_nothing_for_trained_bpe(built, tmp_path):
     # tiktoken takes a chunk that is a whole token as that token: HF's ignore_merges. On a trained
     # BPE every token comes out of its own merges as itself, so the flag changes no id.

@@ -200,7 +200,7 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
         "padding": None,
         "added_tokens": [
             {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
+             "normalized": False, "special": s not in tok.text_tokens}   # an imported tokenizer's text tokens stay text
             for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
         ],
         "normalizer": None,
@@ -270,10 +270,12 @@ def hf_special_tokens(tok: "Tokenizer") -> dict:
 
     have = tok.special_tokens
     chat_tokens = (USER_START, USER_END, ASSISTANT_START, ASSISTANT_END)
-    bos = BOS if BOS in have else (ENDOFTEXT if ENDOFTEXT in have else None)
-    eos = ASSISTANT_END if ASSISTANT_END in have else (ENDOFTEXT if ENDOFTEXT in have else None)
-    unused = [s for s, _ in sorted(have.items(), key=lambda kv: kv[1]) if s not in (BOS, *chat_tokens)]
-    pad = STEP if STEP in unused else (unused[-1] if unused else None)
+    roles = tok.special_roles  # an imported tokenizer's own bos/eos/pad come back as they were
+    bos = roles.get("bos_token") or (BOS if BOS in have else (ENDOFTEXT if ENDOFTEXT in have else None))
+    eos = roles.get("eos_token") or (ASSISTANT_END if ASSISTANT_END in have else (ENDOFTEXT if ENDOFTEXT in have else None))
+    unused = [s for s, _ in sorted(have.items(), key=lambda kv: kv[1])
+              if s not in (BOS, *chat_tokens) and s not in tok.text_tokens]
+    pad = roles.get("pad_token") or (STEP if STEP in unused else (unused[-1] if unused else None))
     return {"bos_token": bos, "eos_token": eos, "pad_token": pad,
             "chat": BOS in have and all(s in have for s in chat_tokens)}
 
