@@ -380,6 +380,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .config import Config
+    from .model.gpt import resize_vocab
     from .model.hf import import_hf
     from .rundir import adopt_tokenizer, save_model
     from .tokenizer import Tokenizer
@@ -388,13 +389,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     # DIR's tokenizer.json, if any, becomes RUN/tokenizer: read (or refused) before anything is
     # loaded or written, and written before the stage, whose config.json is stamped with it
     source, run = Path(args.dir), Path(args.out)
-    tok = Tokenizer.from_huggingface(source) if (source / "tokenizer.json").is_file() else None
+    has_tok = (source / "tokenizer.json").is_file()
+    chat = getattr(args, "chat", None) or ("gptstack" if has_tok else "none")
+    if chat == "gptstack" and not has_tok:
+        raise UserError(f"--chat gptstack: {source / 'tokenizer.json'} not found (the chat specials are added to "
+                        "DIR's tokenizer); use --chat none")
+    tok = Tokenizer.from_huggingface(source) if has_tok else None
     model = import_hf(args.dir)
+    added: list[str] = []
     if tok is not None:
         if tok.vocab_size != model.config.vocab_size:  # as every stage checks (rundir.check_vocab)
             raise UserError(f"{source / 'tokenizer.json'}: {tok.vocab_size} ids (0..{tok.vocab_size - 1}), but "
                             f"{source / 'config.json'} vocab_size is {model.config.vocab_size}; gptstack needs "
                             "them equal")
+        if chat == "gptstack":
+            # new specials after the largest id; the embedding and LM head grow to match (new
+            # rows: the mean of the old ones), so the logits of every old id stay as they were
+            tok, added = tok.with_chat_specials()
+            model = resize_vocab(model, tok.vocab_size)
         have = stored_identity(run / "tokenizer")
         if have is not None and have != tok.identity:
             raise UserError(f"{run / 'tokenizer'} holds another tokenizer ({have[:19]}) than {source / 'tokenizer.json'} "
@@ -406,7 +418,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     stage = run / "pretrain"
     save_model(stage, model.state_dict(), cfg.to_dict())
     print(f"wrote {stage} ({model.num_params() / 1e6:.1f}M params)"
-          + (f" and {run / 'tokenizer'} ({tok.vocab_size} ids)" if tok else " (no tokenizer.json in DIR)"),
+          + (f" and {run / 'tokenizer'} ({tok.vocab_size} ids)" if tok else " (no tokenizer.json in DIR)")
+          + (f"; added chat specials {' '.join(added)}" if added else "")
+          + (f"; chats start with the model's own bos {tok.special_roles['bos_token']}"
+             if chat == "gptstack" and tok is not None and tok.bos_id != tok.special_tokens.get("<|bos|>") else ""),
           file=sys.stderr)
     return 0
 
@@ -719,6 +734,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "*.safetensors) into gptstack as OUT/pretrain, and its byte-level BPE "
                                           "tokenizer.json, where there is one, as OUT/tokenizer.")
     imp.add_argument("--from", dest="source", choices=("hf",), default="hf", help="source format")
+    imp.add_argument("--chat", choices=("gptstack", "none"), default=argparse.SUPPRESS,
+                     help="gptstack (the default when DIR has a tokenizer.json): add gptstack's chat special tokens "
+                          "the tokenizer lacks (<|user_start|> <|user_end|> <|assistant_start|> <|assistant_end|> "
+                          "<|step|>, and <|bos|> where DIR's tokenizer names no bos_token; otherwise chats start "
+                          "with the model's own bos, e.g. <|begin_of_text|>) as new ids after its largest, and grow "
+                          "the model's embedding and LM head to match (new rows: the mean of the old ones), so sft, "
+                          "rm, dpo, ... and `chat` work on the import. none: keep the tokenizer and model as they are "
+                          "(same vocabulary; chat stages then fail for want of the chat tokens)")
     imp.add_argument("dir", metavar="DIR", help="HF model directory")
     imp.add_argument("out", metavar="OUT", help="run directory to write OUT/pretrain into")
     imp.set_defaults(handler=cmd_import)

@@ -336,6 +336,29 @@ class GPT(nn.Module):
         return out
 
 
+def resize_vocab(model: GPT, vocab_size: int) -> GPT:
+    """`model` with a vocabulary grown to `vocab_size` ids (a tokenizer that gained specials): the
+    existing rows of the embedding and (untied) LM head unchanged, so the logits of the old ids are
+    too, and each new row the mean of the existing rows (of the embedding; of the LM head). A new
+    GPT; config.vocab_size follows."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"resize_vocab: {vocab_size} < the model's {old} ids (it only grows)")
+    if vocab_size == old:
+        return model
+    cfg = GPTConfig(**{**asdict(model.config), "vocab_size": vocab_size})
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def grow(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w, w.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)], dim=0)
+
+    sd["tok_emb.weight"] = grow(sd["tok_emb.weight"])
+    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else grow(sd["lm_head.weight"])
+    out = GPT(cfg).to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
+    out.load_state_dict(sd)
+    return out.train(model.training)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, vocab) logits -> (B, 1) ids. Temperature 0 is argmax."""

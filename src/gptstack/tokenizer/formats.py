@@ -181,6 +181,11 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
     path = Path(path)
     directory, file = (path.parent, path) if path.suffix == ".json" else (path, path / "tokenizer.json")
     vocab = {_bytes_to_str(t): r for t, r in ranks_sorted(tok.mergeable_ranks)}
+    # `tokenizers` gives an added token that is not in the BPE vocab the next free id, whatever its
+    # "id" says: specials below the largest rank (vocabularies HF trained put them first) go in the
+    # vocab too, as HF's own files have them; those after the ranks stay added tokens only
+    top = max(tok.mergeable_ranks.values())
+    vocab.update({s: i for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]) if i < top and s not in vocab})
     merges = [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in merges_from_ranks(tok.mergeable_ranks)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     if tok.pattern == NO_SPLIT_PATTERN:
@@ -225,7 +230,7 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
             if specials[key] is not None:
                 config[key] = specials[key]
         if specials["chat"]:
-            config["chat_template"] = CHAT_TEMPLATE
+            config["chat_template"] = chat_template(specials["chat_bos"])
         atomic_write_json(directory / "tokenizer_config.json", config)
     return file
 
@@ -254,6 +259,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(bos: str) -> str:
+    """CHAT_TEMPLATE starting with `bos`, the token `Tokenizer.bos_id` starts a chat with: <|bos|>,
+    or an imported tokenizer's own bos_token (Llama 3's <|begin_of_text|>) where it has no <|bos|>."""
+    if bos == "<|bos|>":
+        return CHAT_TEMPLATE
+    return CHAT_TEMPLATE.replace("<|bos|>", "{{- " + json.dumps(bos) + " -}}", 1)
+
+
 def hf_special_tokens(tok: "Tokenizer") -> dict:
     """Which specials HF's files name: bos/eos/pad token strings, and whether the chat template
     applies (the tokenizer has all the chat specials).
@@ -276,8 +289,10 @@ def hf_special_tokens(tok: "Tokenizer") -> dict:
     unused = [s for s, _ in sorted(have.items(), key=lambda kv: kv[1])
               if s not in (BOS, *chat_tokens) and s not in tok.text_tokens]
     pad = roles.get("pad_token") or (STEP if STEP in unused else (unused[-1] if unused else None))
-    return {"bos_token": bos, "eos_token": eos, "pad_token": pad,
-            "chat": BOS in have and all(s in have for s in chat_tokens)}
+    # a chat starts with `Tokenizer.bos_id`: <|bos|>, else the imported tokenizer's own bos_token
+    chat_bos = BOS if BOS in have else roles.get("bos_token")
+    return {"bos_token": bos, "eos_token": eos, "pad_token": pad, "chat_bos": chat_bos,
+            "chat": chat_bos is not None and all(s in have for s in chat_tokens)}
 
 
 def _bos_post_processor(tok: "Tokenizer") -> dict | None:

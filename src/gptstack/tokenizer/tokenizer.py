@@ -202,6 +202,28 @@ class Tokenizer:
         ids, _ = self.render_conversation(messages)
         return ids + [self.special(ASSISTANT_START)]
 
+    def with_chat_specials(self) -> tuple["Tokenizer", list[str]]:
+        """(this tokenizer with gptstack's chat specials, the specials it added): each of
+        DEFAULT_SPECIALS it lacks becomes a new special id after the current largest id (an
+        imported vocabulary's ids stay as they are; tiktoken needs no contiguous specials), so the
+        vocabulary grows by len(added) and the identity changes: it is a new tokenizer.
+
+        <|bos|> is not added where the HF files name a bos_token: `bos_id` already falls back to
+        it, so chats and documents start with the token the model was pretrained to see first
+        (Llama 3's <|begin_of_text|>, GPT-2's <|endoftext|>), and the exported chat template writes
+        that token. Once the turn markers are added, eos becomes <|assistant_end|>, where a gptstack
+        chat turn ends (HF generation stops there)."""
+        mapped = BOS not in self.special_tokens and "bos_token" in self.special_roles
+        added = [s for s in DEFAULT_SPECIALS if s not in self.special_tokens and not (s == BOS and mapped)]
+        if not added:
+            return self, []
+        start = max([*self.mergeable_ranks.values(), *self.special_tokens.values()]) + 1
+        specials = {**self.special_tokens, **{s: start + k for k, s in enumerate(added)}}
+        roles = {**self.special_roles, "eos_token": ASSISTANT_END}
+        return Tokenizer(self.mergeable_ranks, pattern=self.pattern_name if self.pattern_name in PATTERNS else self.pattern,
+                         special_tokens=specials, name=self.name, text_tokens=self.text_tokens,
+                         special_roles=roles), added
+
     # --- persistence ------------------------------------------------------------------------
 
     @property
