@@ -1,5 +1,6 @@
 """HF interop: export and import give the same logits as transformers' LlamaForCausalLM."""
 import json
+import re
 
 import pytest
 import torch
@@ -64,3 +65,42 @@ def test_import_rejects_non_llama(tmp_path):
         import_hf(tmp_path)
     with pytest.raises(UserError, match="not found"):
         import_hf(tmp_path / "nope")
+
+
+def _tiny_llama(**kw):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, **kw)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_import_reads_a_sharded_checkpoint_through_its_index(tmp_path):
+    hf = _tiny_llama()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "hf/model.safetensors.index.json").exists()
+    # a directory may also hold weights the index does not name (Mistral's consolidated.safetensors)
+    from safetensors.torch import save_file
+    save_file({"junk": torch.zeros(3)}, str(tmp_path / "hf/consolidated.safetensors"))
+    model = import_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("edit, field", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     "rope_parameters.rope_type: 'llama3'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type 'qwen2'"),
+    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window: 16"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_import_refuses_what_it_cannot_reproduce_before_reading_weights(tmp_path, edit, field):
+    _tiny_llama().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf/config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    (tmp_path / "hf/model.safetensors").write_bytes(b"not read")  # refused before any weight is read
+    with pytest.raises(UserError, match=re.escape(field)):
+        import_hf(tmp_path / "hf")

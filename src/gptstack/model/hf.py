@@ -106,8 +106,20 @@ def _read_hf_config(directory: Path) -> dict:
     for key, bad in (("attention_bias", True), ("mlp_bias", True)):
         if hf.get(key) is bad:
             raise UserError(f"{path}: {key}: biases are not supported (gptstack's model has none)")
+    if hf.get("model_type") == "qwen2":  # q/k/v projections carry biases whatever attention_bias says
+        raise UserError(f"{path}: model_type 'qwen2': its q/k/v projections have biases, which gptstack's model "
+                        "does not (not supported yet)")
     if hf.get("rope_scaling"):
         raise UserError(f"{path}: rope_scaling: {hf['rope_scaling']} is not supported (plain RoPE only)")
+    # transformers >= 5 writes RoPE settings as rope_parameters; anything but the default type is a
+    # different model (llama3's frequency scaling, linear, dynamic), never imported silently
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise UserError(f"{path}: rope_parameters.rope_type: {rope_type!r} is not supported (plain RoPE, "
+                        "rope_type 'default', only)")
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 2048):
+        raise UserError(f"{path}: sliding_window: {window} tokens is not supported (full attention only)")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{path}: hidden_act: expected 'silu', got {hf.get('hidden_act')!r}")
     return hf
@@ -128,7 +140,17 @@ def import_hf(directory: str | Path) -> GPT:
         rope_theta=float(rope_theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
     )
-    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.exists():  # sharded: the index names the files (a directory may also hold others, e.g. consolidated.safetensors)
+        try:
+            files = sorted({directory / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: weight_map: expected {{tensor name: file}} ({e})") from None
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"{index}: weight_map names {missing[:3]}, not in {directory}")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UserError(f"{directory}: no *.safetensors weights found")
     sd: dict[str, torch.Tensor] = {}
