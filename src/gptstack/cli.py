@@ -384,7 +384,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .model.hf import import_hf
     from .rundir import adopt_tokenizer, save_model
     from .tokenizer import Tokenizer
-    from .tokenizer.tokenizer import stored_identity
 
     # DIR's tokenizer.json, if any, becomes RUN/tokenizer: read (or refused) before anything is
     # loaded or written, and written before the stage, whose config.json is stamped with it
@@ -407,13 +406,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             # rows: the mean of the old ones), so the logits of every old id stay as they were
             tok, added = tok.with_chat_specials()
             model = resize_vocab(model, tok.vocab_size)
-        have = stored_identity(run / "tokenizer")
-        if have is not None and have != tok.identity:
-            raise UserError(f"{run / 'tokenizer'} holds another tokenizer ({have[:19]}) than {source / 'tokenizer.json'} "
-                            f"({tok.identity[:19]}): write to a new run directory instead")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # refused, before the stage is written, if RUN holds another
             tok.save(tmp)
-            adopt_tokenizer(Path(tmp), run)
+            adopt_tokenizer(Path(tmp), run, source_name=str(source / "tokenizer.json"))
     cfg = Config(name=f"import:{args.dir}", model=model.config)
     stage = run / "pretrain"
     save_model(stage, model.state_dict(), cfg.to_dict())

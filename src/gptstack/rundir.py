@@ -69,12 +69,16 @@ def stable_header(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
-def write_config(stage_dir: Path, config: dict) -> None:
-    """A stage's config.json, stamped with the identity of its run's tokenizer (`<stage>/../tokenizer`),
-    so loading the stage with another tokenizer is refused (load_stage)."""
+def stamped_config(stage_dir: Path, config: dict) -> dict:
+    """`config` as the stage's config.json holds it: stamped with the identity of its run's tokenizer
+    (`<stage>/../tokenizer`), so loading the stage with another tokenizer is refused (load_stage)."""
     if (identity := stored_identity(Path(stage_dir).parent / "tokenizer")) is not None:
         config = {**config, "tokenizer": {**config.get("tokenizer", {}), "identity": identity}}
-    atomic_write_json(Path(stage_dir) / "config.json", config)
+    return config
+
+
+def write_config(stage_dir: Path, config: dict) -> None:
+    atomic_write_json(Path(stage_dir) / "config.json", stamped_config(stage_dir, config))
 
 
 def check_tokenizer_identity(stage_dir: Path, cfg) -> None:
@@ -87,11 +91,12 @@ def check_tokenizer_identity(stage_dir: Path, cfg) -> None:
                         f"{found[:19]}; put the run's own tokenizer back (or retrain with --fresh)")
 
 
-def adopt_tokenizer(source_dir: Path, run_dir: Path) -> None:
+def adopt_tokenizer(source_dir: Path, run_dir: Path, source_name: str | None = None) -> None:
     """Give `run_dir` the tokenizer of `source_dir` (a source stage's run), so later stages find it
     in RUN/tokenizer. An existing, different tokenizer there is never overwritten: the run's
-    other stages were trained with it."""
+    other stages were trained with it. `source_name`: what messages call the source (default its path)."""
     source_dir, target = Path(source_dir), Path(run_dir) / "tokenizer"
+    source_name = source_name or str(source_dir)
     if source_dir.resolve() == target.resolve():
         return
     want = stored_identity(source_dir)
@@ -101,7 +106,7 @@ def adopt_tokenizer(source_dir: Path, run_dir: Path) -> None:
     if have == want:
         return
     if have is not None:
-        raise UserError(f"{target} holds another tokenizer ({have[:19]}) than {source_dir} ({want[:19]}); its run's "
+        raise UserError(f"{target} holds another tokenizer ({have[:19]}) than {source_name} ({want[:19]}); its run's "
                         f"stages were trained with it: write to a new run directory (--out) instead")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent, ".tokenizer.*.tmp")

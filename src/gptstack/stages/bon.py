@@ -39,8 +39,8 @@ from ..config import Config
 from ..engine.scoring import score_texts
 from ..eval.fits import fit_gain, kl_bon
 from ..eval.stats import pick_best
-from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, weights_digest,
-                      write_config, write_summary)
+from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, stamped_config,
+                      weights_digest, write_config, write_summary)
 from ..tokenizer import ASSISTANT_END
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
@@ -76,11 +76,11 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     rm, _ = load_scalar_model(rm_dir, "reward")
     check_vocab(rm.config.vocab_size, tok, rm_dir)
     cfg = adopt_model(cfg, policy_cfg)
-    cfg.tokenizer.identity = tok.identity  # as write_config stamps it, so a finished stage compares equal
     inputs = {"inputs/policy_sha256": weights_digest(policy_dir), "inputs/rm_sha256": weights_digest(rm_dir)}
     if (stage_dir / "summary.json").exists() and not fresh and (stage_dir / "config.json").exists():
         done = json.loads((stage_dir / "summary.json").read_text())
-        same_config = json.loads((stage_dir / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+        same_config = json.loads((stage_dir / "config.json").read_text()) == \
+            json.loads(json.dumps(stamped_config(stage_dir, cfg.to_dict())))
         if same_config and all(done.get(k) == v for k, v in inputs.items()):
             print0(f"bon: {stage_dir} is done with this config, policy and RM (--fresh to run again)")
             return done
