@@ -61,7 +61,7 @@ def test_import_roundtrip_equal_logits(tmp_path):
 
 def test_import_rejects_non_llama(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UserError, match="expected a Llama-architecture model"):
+    with pytest.raises(UserError, match="model_type 'gpt2': expected one of llama, mistral, qwen2"):
         import_hf(tmp_path)
     with pytest.raises(UserError, match="not found"):
         import_hf(tmp_path / "nope")
@@ -89,13 +89,17 @@ def test_import_reads_a_sharded_checkpoint_through_its_index(tmp_path):
 
 
 @pytest.mark.parametrize("edit, field", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "rope_parameters.rope_type: 'llama3'"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type 'qwen2'"),
+    # rope types gptstack does not compute as transformers does: refused, never approximated
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     "rope_parameters.rope_type: 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+     "rope_scaling.rope_type: 'yarn'"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_type 'llama3' needs 'low_freq_factor'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "model_type 'qwen3'"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window: 16"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_size": "big"}, "expected numbers"),
 ])
 def test_import_refuses_what_it_cannot_reproduce_before_reading_weights(tmp_path, edit, field):
     _tiny_llama().save_pretrained(tmp_path / "hf", safe_serialization=True)

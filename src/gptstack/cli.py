@@ -341,7 +341,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .engine import generate
-    from .tokenizer import ASSISTANT_END
     from .rundir import load_stage
 
     s = sampling_settings(args)
@@ -349,7 +348,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, _, tok = load_stage(stage)
     model.eval()
     if args.chat:  # the prompt is a user turn, rendered with the chat template
-        prompt, stop = tok.render_prompt([{"role": "user", "content": args.prompt}]), [tok.special(ASSISTANT_END)]
+        prompt, stop = tok.render_prompt([{"role": "user", "content": args.prompt}]), tok.turn_end_ids
     else:
         prompt, stop = [tok.bos_id, *tok.encode(args.prompt)], []
     (completions,) = generate(model, [prompt], s.max_new_tokens, n=args.num_samples, temperature=s.temperature,
@@ -358,7 +357,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for k, c in enumerate(completions):
         if args.num_samples > 1:
             print(f"--- sample {k + 1}")
-        text = tok.decode([t for t in c.tokens if t not in stop])
+        text = tok.decode(c.tokens[:-1] if c.finished else c.tokens)  # without the end token
         print(text if args.chat else args.prompt + text)
     return 0
 
@@ -379,45 +378,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .config import Config
-    from .model.gpt import resize_vocab
-    from .model.hf import import_hf
-    from .rundir import adopt_tokenizer, save_model
-    from .tokenizer import Tokenizer
+    from .stages import hf_import
 
-    # DIR's tokenizer.json, if any, becomes RUN/tokenizer: read (or refused) before anything is
-    # loaded or written, and written before the stage, whose config.json is stamped with it
-    source, run = Path(args.dir), Path(args.out)
-    has_tok = (source / "tokenizer.json").is_file()
-    chat = getattr(args, "chat", None) or ("gptstack" if has_tok else "none")
-    if chat == "gptstack" and not has_tok:
-        raise UserError(f"--chat gptstack: {source / 'tokenizer.json'} not found (the chat specials are added to "
-                        "DIR's tokenizer); use --chat none")
-    tok = Tokenizer.from_huggingface(source) if has_tok else None
-    model = import_hf(args.dir)
-    added: list[str] = []
-    if tok is not None:
-        if tok.vocab_size != model.config.vocab_size:  # as every stage checks (rundir.check_vocab)
-            raise UserError(f"{source / 'tokenizer.json'}: {tok.vocab_size} ids (0..{tok.vocab_size - 1}), but "
-                            f"{source / 'config.json'} vocab_size is {model.config.vocab_size}; gptstack needs "
-                            "them equal")
-        if chat == "gptstack":
-            # new specials after the largest id; the embedding and LM head grow to match (new
-            # rows: the mean of the old ones), so the logits of every old id stay as they were
-            tok, added = tok.with_chat_specials()
-            model = resize_vocab(model, tok.vocab_size)
-        with tempfile.TemporaryDirectory() as tmp:  # refused, before the stage is written, if RUN holds another
-            tok.save(tmp)
-            adopt_tokenizer(Path(tmp), run, source_name=str(source / "tokenizer.json"))
-    cfg = Config(name=f"import:{args.dir}", model=model.config)
-    stage = run / "pretrain"
-    save_model(stage, model.state_dict(), cfg.to_dict())
-    print(f"wrote {stage} ({model.num_params() / 1e6:.1f}M params)"
-          + (f" and {run / 'tokenizer'} ({tok.vocab_size} ids)" if tok else " (no tokenizer.json in DIR)")
-          + (f"; added chat specials {' '.join(added)}" if added else "")
-          + (f"; chats start with the model's own bos {tok.special_roles['bos_token']}"
-             if chat == "gptstack" and tok is not None and tok.bos_id != tok.special_tokens.get("<|bos|>") else ""),
-          file=sys.stderr)
+    hf_import.run(args.dir, args.out, chat=getattr(args, "chat", None))
     return 0
 
 
@@ -729,9 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "*.safetensors) into gptstack as OUT/pretrain, and its byte-level BPE "
                                           "tokenizer.json, where there is one, as OUT/tokenizer.")
     imp.add_argument("--from", dest="source", choices=("hf",), default="hf", help="source format")
-    imp.add_argument("--chat", choices=("gptstack", "none"), default=argparse.SUPPRESS,
-                     help="gptstack (the default when DIR has a tokenizer.json): add gptstack's chat special tokens "
-                          "the tokenizer lacks (<|user_start|> <|user_end|> <|assistant_start|> <|assistant_end|> "
+    imp.add_argument("--chat", choices=("model", "gptstack", "none"), default=argparse.SUPPRESS,
+                     help="model (the default when DIR's tokenizer has a chat template, as instruct models do: "
+                          "chat_template.jinja or tokenizer_config.json's chat_template): keep the model's own chat "
+                          "template (Jinja, rendered as transformers' apply_chat_template does; ChatML's <|im_start|>, "
+                          "Llama 3's <|start_header_id|>, ...), the vocabulary and the model unchanged; sft trains on "
+                          "assistant tokens only and chats stop at the template's end-of-turn token. "
+                          "gptstack (the default for a tokenizer.json without a template, a base model): add "
+                          "gptstack's chat special tokens the tokenizer lacks (<|user_start|> <|user_end|> <|assistant_start|> <|assistant_end|> "
                           "<|step|>, and <|bos|> where DIR's tokenizer names no bos_token; otherwise chats start "
                           "with the model's own bos, e.g. <|begin_of_text|>) as new ids after its largest, and grow "
                           "the model's embedding and LM head to match (new rows: the mean of the old ones), so sft, "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .common import UserError, read_bytes_file
 from .model.gpt import PRESETS, GPTConfig
+from .model.lora import parse_targets
 from .world.tasks import WorldConfig
 from .eval.config import EvalConfig
 from .serve.config import ServeConfig
@@ -71,6 +72,27 @@ class TrainConfig:
     peak_flops: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "peak FLOP/s for MFU (0 = measure a matmul at start)"})
     max_bad_steps: int = field(default=5, metadata={"range": "[1, inf)", "help": "stop after this many consecutive non-finite losses"})
     stop_at: int = field(default=0, metadata={"range": "[0, inf)", "help": "stop after this step with a checkpoint, the schedule still spanning max_steps (time-boxed sessions; rerun to resume)"})
+    max_length: int = field(default=0, metadata={"range": "[0, inf)", "help": "tokens per training sequence (TRL's max_length): longer examples are skipped and counted; 0 = the model's context (model.block_size, an import's max_position_embeddings: 32k for Qwen2.5)"})
+
+    def context(self, block_size: int) -> int:
+        """Tokens per training sequence: max_length, capped by the model's context."""
+        return min(block_size, self.max_length) if self.max_length else block_size
+    lora_rank: int = field(default=0, metadata={"range": "[0, inf)", "help": "LoRA: rank of the adapters on each block's linears, the rest frozen (0 = off: full fine-tuning); the saved model is merged, plain weights"})
+    lora_alpha: float = field(default=16.0, metadata={"range": "(0, inf)", "help": "LoRA: the update is scaled by lora_alpha / lora_rank (PEFT's scaling)"})
+    lora_dropout: float = field(default=0.0, metadata={"range": "[0, 1)", "help": "LoRA: dropout on the adapters' input"})
+    lora_targets: str = field(default="qkv,proj,gate_up,down", metadata={"help": "LoRA: the linears adapted, comma-separated among qkv, proj, gate_up, down"})
+
+    def check_lora(self, section: str) -> list[str]:
+        """The LoRA target names, or a UserError naming the key: an unknown module, or LoRA asked of
+        pretraining. Pretraining refuses it rather than ignoring it: LoRA adapts a trained model, and
+        a random model whose weights stay frozen cannot be pretrained through rank-r updates."""
+        if section == "pretrain" and self.lora_rank:
+            raise UserError("pretrain.lora_rank: LoRA adapts a trained model, pretraining trains every weight; "
+                            "leave it 0 (LoRA is for sft, rm, dpo, ppo, grpo: --set sft.lora_rank=16)")
+        try:
+            return parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise UserError(f"{section}.lora_targets: {e}") from None
 
 
 @dataclass
@@ -86,6 +108,7 @@ class SFTConfig(TrainConfig):
     demos: int = field(default=20000, metadata={"range": "[1, inf)", "help": "world demonstrations to fine-tune on (when no --data file)"})
     packing: bool = field(default=True, metadata={"help": "pack each batch's conversations into rows of up to block_size tokens, attention kept within each (the padded batch's loss without computing most of its padding); false: one padded row each"})
     heldout_fraction: float = field(default=0.05, metadata={"range": "[0, 1)", "help": "--data FILE: fraction of its prompts held out, never trained on, for heldout/loss (and heldout/accuracy on GSM8K rows); split by a hash of the prompt (data/split.py); 0 = none. The world demonstrations hold out nothing: the eval protocol measures them"})
+    data: str = field(default="", metadata={"help": "a conversation file to fine-tune on (TRL messages / prompt-completion, GSM8K, ...; what `sft --data` takes); empty or world = the world's demonstrations"})
 
 
 @dataclass
@@ -106,6 +129,7 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "weight of the chosen responses' per-token NLL added to the loss (TRL's rpo_alpha; 0 = plain DPO)"})
     heldout_fraction: float = field(default=0.05, metadata={"range": "[0, 1)", "help": "fraction of prompts whose pairs are held out for eval_rewards/accuracies"})
     ref_batch_size: int = field(default=64, metadata={"range": "[1, inf)", "help": "sequences per batch when computing reference / held-out logprobs"})
+    prefs: str = field(default="", metadata={"help": "`gptstack run`: the preference file DPO trains on (what `dpo --prefs` takes); empty = RUN/prefs"})
 
 
 @dataclass
@@ -140,6 +164,7 @@ class RMConfig(TrainConfig):
     lm_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "weight of a language-modelling loss on each prompt's best response, through the trunk's LM head (Cobbe et al. 2021's joint verifier objective; 0 = off)"})
     likelihood_score: bool = field(default=False, metadata={"help": "score = head + c x the response's mean token log-likelihood under the RM's own LM head, c learned (generative verifier / DPO-style implicit reward)"})
     likelihood_init: float = field(default=0.0, metadata={"help": "rm.likelihood_score: the starting c (0: scores start at 0; 1: the RM starts as its trunk's own likelihood judge)"})
+    prefs: str = field(default="", metadata={"help": "`gptstack run`: the comparisons the RM trains on (what `rm --prefs` takes); empty = RUN/prefs"})
 
 
 @dataclass
@@ -200,6 +225,7 @@ class RLConfig(TrainConfig):
     log_every: int = field(default=1, metadata={"range": "[1, inf)", "help": "write metrics every N updates"})
     hack_window: int = field(default=5, metadata={"range": "[1, inf)", "help": "updates per window of the reward-hacking alarm (proxy up, gold down)"})
     prompt_seed: int = field(default=7, metadata={"range": "[0, inf)", "help": "seed of the training prompts (world) and the rollouts"})
+    prompts: str = field(default="", metadata={"help": "`gptstack run`: the training prompts (what --prompts takes: any prompt/chat/preference/GSM8K file); empty = the world's"})
 
 
 @dataclass
@@ -213,6 +239,7 @@ class GRPOConfig(RLConfig):
     kl_loss_coef: float = field(default=0.0, metadata={"range": "[0, inf)", "help": "KL to the reference in the loss (k3 estimator; DeepSeekMath 0.04, TRL default 0)"})
     epochs: int = field(default=1, metadata={"range": "[1, inf)", "help": "passes over each rollout batch"})
     minibatches: int = field(default=2, metadata={"range": "[1, inf)", "help": "optimizer steps per epoch"})
+    reward: str = field(default="gold", metadata={"help": "`gptstack run`: gold (the world's) | rm (RUN/rm) | FILE (a verifiable file: its prompts are trained on, its answers checked; what `grpo --reward` takes)"})
 
 
 @dataclass
@@ -290,6 +317,7 @@ class RunConfig:
     eta: dict[str, float] = field(default_factory=dict, metadata={
         "range": "[0, inf)", "keys": STAGES,
         "help": "expected seconds per stage, e.g. [run.eta] sft = 490 (a stage left out: no ETA)"})
+    stages: str = field(default="", metadata={"help": "the stages `gptstack run` runs without --stages, comma-separated (empty = all, in pipeline order)"})
 
 
 @dataclass
@@ -498,6 +526,9 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
     except ValueError as e:
         raise UserError(f"{origin}: {e}") from None
     cfg.world.validate()
+    for f in dataclasses.fields(cfg):
+        if isinstance(section := getattr(cfg, f.name), TrainConfig):
+            section.check_lora(f.name)
     cfg.log.wandb_module()  # a missing optional package stops the run here, before any work
     return cfg
 

@@ -28,20 +28,75 @@ def _call(stage: str, cfg: Config, run: Path) -> dict:
     from .stages import bon, dpo, ppo, prefs, pretrain, prm, rm, search, sft
 
     policy = run / "sft"
+    grpo_reward, grpo_prompts = _grpo_reward(cfg)
     calls = {
-        "pretrain": lambda: pretrain.run(cfg, run),
-        "sft": lambda: sft.run(cfg, run / "pretrain", run),
+        "pretrain": lambda: _import(cfg, run) if cfg.model.from_hf else pretrain.run(cfg, run),
+        "sft": lambda: sft.run(cfg, run / "pretrain", run, data=_file(cfg.sft.data)),
         "prefs": lambda: prefs.run(cfg, policy, run),
-        "rm": lambda: rm.run(cfg, policy, run / "prefs", run),
+        "rm": lambda: rm.run(cfg, policy, cfg.rm.prefs or run / "prefs", run),
         "bon": lambda: bon.run(cfg, policy, run / "rm", run),
-        "ppo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="ppo"),
-        "overopt": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="overopt"),
-        "grpo": lambda: ppo.run(cfg, policy, run, reward="gold", stage="grpo"),
-        "dpo": lambda: dpo.run(cfg, policy, run / "prefs", run),
+        "ppo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="ppo", prompts=_file(cfg.ppo.prompts)),
+        "overopt": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="overopt",
+                                   prompts=_file(cfg.overopt.prompts)),
+        "grpo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm" if grpo_reward == "rm" else None,
+                                reward=grpo_reward, prompts=grpo_prompts, stage="grpo"),
+        "dpo": lambda: dpo.run(cfg, policy, cfg.dpo.prefs or run / "prefs", run),
         "prm": lambda: prm.run(cfg, policy, run),
         "search": lambda: search.run(cfg, policy, run / "prm", run, rm_dir=run / "rm"),
     }
     return calls[stage]()
+
+
+def _file(value: str) -> str | None:
+    """A config's data key: empty (or "world") = the built-in world."""
+    return None if value in ("", "world") else value
+
+
+def _grpo_reward(cfg: Config) -> tuple[str, str | None]:
+    """grpo.reward gold | rm | FILE -> (the reward, the prompts): a verifiable file is both (as `grpo --reward FILE`)."""
+    if cfg.grpo.reward in ("gold", "rm"):
+        return cfg.grpo.reward, _file(cfg.grpo.prompts)
+    return "answer", cfg.grpo.reward
+
+
+def _import(cfg: Config, run: Path) -> dict:
+    """model.from_hf in place of pretraining: rank 0 writes RUN/pretrain and RUN/tokenizer, the others
+    wait for it (under torchrun every rank runs the pipeline)."""
+    import torch.distributed
+
+    from .stages import hf_import
+    from .train.dist import init_distributed
+
+    info = init_distributed()
+    summary = hf_import.run(cfg.model.from_hf, run) if info.is_main else {}
+    if info.enabled:
+        torch.distributed.barrier()
+    return summary
+
+
+# a user's model (model.from_hf) learns from the user's data: each of these stages needs its key set
+# (to "world" for the built-in world, on purpose); checked before the first stage runs
+USER_DATA = {"sft": ("sft.data",), "rm": ("rm.prefs",), "dpo": ("dpo.prefs",), "ppo": ("ppo.prompts",),
+             "grpo": ("grpo.reward",)}
+
+
+def check_user_data(cfg: Config, chosen: list[str]) -> None:
+    if not cfg.model.from_hf:
+        return
+    if "prefs" in chosen or "bon" in chosen or "overopt" in chosen or "prm" in chosen or "search" in chosen:
+        world = [s for s in chosen if s in ("prefs", "bon", "overopt", "prm", "search")]
+        raise UserError(f"model.from_hf: stages {','.join(world)} measure the built-in world's gold reward; "
+                        f"run them on a world run, or choose stages with --stages / run.stages")
+    missing = [key for s in chosen for key in USER_DATA.get(s, ()) if not _configured(cfg, key)]
+    if missing:
+        raise UserError(f"model.from_hf: set {', '.join(missing)} (your data files: --set KEY=FILE; "
+                        "KEY=world for the built-in world's)")
+
+
+def _configured(cfg: Config, key: str) -> bool:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    return bool(value) and not (key == "grpo.reward" and value == "gold")
 
 
 def parse_stages(spec: str | None) -> list[str]:
@@ -73,7 +128,8 @@ def _eta(estimates: dict[str, float | None], rest: list[str], pace: float) -> st
 def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = True) -> dict:
     """Run (or resume, or skip) each chosen stage; -> {stage: seconds spent in this call}."""
     run_dir = Path(out)
-    chosen = parse_stages(stages)
+    chosen = parse_stages(stages or cfg.run.stages)
+    check_user_data(cfg, chosen)
     estimates = {s: cfg.run.eta.get(s) for s in chosen}   # None: the recipe gives no ETA for it
     todo = [s for s in chosen if not (run_dir / s / "summary.json").exists()]
     t0, spent, pace = time.perf_counter(), {}, 1.0   # pace: measured / estimated, over the stages run so far

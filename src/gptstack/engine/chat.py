@@ -15,7 +15,6 @@ import bisect
 from collections.abc import Callable, Sequence
 
 from ..common import UserError
-from ..tokenizer import ASSISTANT_END
 from .sampling import generate
 
 
@@ -58,9 +57,9 @@ def stream_reply(model, tok, history: Sequence[dict], *, max_new_tokens: int, te
     """Sample the assistant's reply to `history` (ending with a user turn).
 
     Returns (reply text, finished): finished is True when the model ended its turn with
-    <|assistant_end|> (False: cut at max_new_tokens or the context, or stopped). on_text gets
+    <|assistant_end|> or another of `tok.turn_end_ids` (False: cut at max_new_tokens or the context, or stopped). on_text gets
     the reply in pieces as it is sampled; the pieces concatenate to the returned text."""
-    end = tok.special(ASSISTANT_END)
+    ends = tok.turn_end_ids
     prompt = tok.render_prompt(history)
     tokens: list[int] = []
     shown = ""
@@ -69,7 +68,7 @@ def stream_reply(model, tok, history: Sequence[dict], *, max_new_tokens: int, te
         nonlocal shown
         if should_stop is not None and should_stop():
             raise _Stopped
-        if token == end:
+        if token in ends:
             return
         tokens.append(token)
         text = tok.decode(tokens)
@@ -80,7 +79,7 @@ def stream_reply(model, tok, history: Sequence[dict], *, max_new_tokens: int, te
 
     try:
         (completion,), = generate(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                  top_p=top_p if top_p and top_p < 1 else None, stop_ids=[end], seed=seed,
+                                  top_p=top_p if top_p and top_p < 1 else None, stop_ids=ends, seed=seed,
                                   on_token=on_token)
         finished = completion.finished
     except _Stopped:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.heads import ScalarModel, score_ids
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from .rollout import sequence_logprobs
 
 AGGREGATIONS = ("min", "product")
@@ -29,11 +29,12 @@ AGGREGATIONS = ("min", "product")
 
 def render_for_rm(tok: Tokenizer, prompt, response, ended: bool, block_size: int) -> list[int]:
     """prompt (messages, or already rendered ids ending in <|assistant_start|>) + response (text or
-    ids) + <|assistant_end|> when the response ended; longer than the context: its last block_size
-    tokens (the prompt's oldest go; the score is read at the end)."""
+    ids) + the turn's end token (`tok.turn_end_ids[0]`: <|assistant_end|>) when the response ended;
+    longer than the context: its last block_size tokens (the prompt's oldest go; the score is read
+    at the end)."""
     p = tok.render_prompt(prompt) if prompt and isinstance(prompt[0], dict) else list(prompt)
     r = tok.encode(response) if isinstance(response, str) else list(response)
-    seq = p + r + ([tok.special(ASSISTANT_END)] if ended else [])
+    seq = p + r + ([tok.turn_end_ids[0]] if ended else [])
     return seq[-block_size:]
 
 
@@ -59,7 +60,7 @@ def likelihood_scores(policy, tok: Tokenizer, rows: list[dict]) -> list[list[flo
         p = tok.render_prompt(row["prompt"])
         for r, e in zip(row["responses"], ended):
             prompts.append(p)
-            responses.append(tok.encode(r) + ([tok.special(ASSISTANT_END)] if e else []))
+            responses.append(tok.encode(r) + ([tok.turn_end_ids[0]] if e else []))
         shape.append(len(row["responses"]))
     flat = [lp / max(len(r), 1) for lp, r in zip(sequence_logprobs(policy.eval(), prompts, responses), responses)]
     out, k = [], 0
@@ -101,7 +102,7 @@ def render_steps(tok: Tokenizer, prompt_ids: Sequence[int], steps: Sequence[str]
         ids += tok.encode(step + ("\n" if newline else ""))
         ends.append(len(ids) - 1)
     if ended:
-        ids.append(tok.special(ASSISTANT_END))
+        ids.append(tok.turn_end_ids[0])
     if not steps:
         ends = [len(ids) - 1]
     ends[-1] = len(ids) - 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from .sampling import generate
 from .scoring import aggregate, head_logits, render_response
 
@@ -53,8 +53,8 @@ def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: l
                seed: int = 0, progress: bool = True) -> tuple[list[Beam], list[int]]:
     """Step-level beam search for every prompt at once -> (chosen beam, tokens generated) per
     prompt. `budgets[p]`: the most tokens prompt p may generate (see the module docstring)."""
-    end = tok.special(ASSISTANT_END)
-    stops = newline_ids(tok) + [end]
+    ends = tok.turn_end_ids
+    stops = newline_ids(tok) + ends
     expand, width = min(sc.expand, n), max(1, n // sc.expand)
     ctx = policy.config.block_size
     active = [[Beam([])] for _ in prompts]
@@ -98,7 +98,7 @@ def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: l
                 for c in samples:
                     used[p] += len(c.tokens)
                     tokens = beam.tokens + c.tokens
-                    children[p].append((beam, Beam(tokens, ended=bool(c.tokens) and c.tokens[-1] == end)))
+                    children[p].append((beam, Beam(tokens, ended=bool(c.tokens) and c.tokens[-1] in ends)))
         # --- score children that completed a step ---------------------------------------------
         to_score = []
         for p, kids in enumerate(children):
@@ -109,7 +109,7 @@ def prm_search(policy, prm, tok: Tokenizer, prompts: list[list[int]], budgets: l
                 if key in seen:
                     continue  # a duplicate adds nothing to the beam (its tokens still count)
                 seen.add(key)
-                text = tok.decode([t for t in child.tokens if t != end])
+                text = tok.decode(child.tokens[:-1] if child.ended else child.tokens)
                 r = render_response(tok, prompts[p], text, child.ended)
                 child.score, child.complete = parent.score, parent.complete
                 if r.complete > parent.complete or child.ended:  # an ended one is read at <|assistant_end|>

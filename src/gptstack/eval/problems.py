@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .. import world
 from ..data.formats import check_answer, extract_final_answer
 from ..engine import generate
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from .stats import wilson_interval
 
 
@@ -75,12 +75,12 @@ def greedy_accuracy(model, tok: Tokenizer, problems: Sequence[Problem], max_new_
     prompts: the rendered prompts (default: each problem's messages through the chat template); a
     chat model stops at <|assistant_end|>, a base model (chat=False) at the first blank line."""
     model.eval()
-    end = tok.special(ASSISTANT_END)
+    ends = tok.turn_end_ids if chat else []
     if prompts is None:
         prompts = [tok.render_prompt(p.messages) for p in problems]
-    out = generate(model, prompts, max_new_tokens, n=1, temperature=0.0, stop_ids=[end] if chat else [], seed=seed,
+    out = generate(model, prompts, max_new_tokens, n=1, temperature=0.0, stop_ids=ends, seed=seed,
                    batch_size=batch_size, truncate=truncate)
-    texts = [tok.decode([t for t in c.tokens if t != end]) if chat else cut_base_response(tok.decode(c.tokens))[0]
+    texts = [tok.decode([t for t in c.tokens if t not in ends]) if chat else cut_base_response(tok.decode(c.tokens))[0]
              for (c,) in out]
     samples = [{"prompt": p.prompt, "response": text, "answer": p.answer, "correct": p.is_right(text)}
                for p, text in zip(problems, texts)]

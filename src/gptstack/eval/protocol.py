@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .. import world
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from .config import EvalConfig
 from .problems import cut_base_response, greedy_accuracy, world_problems
 from .stats import paired_comparison, wilson_interval
@@ -60,7 +60,7 @@ def evaluate_policy(model, tokenizer: Tokenizer, world_config: world.WorldConfig
         tasks = tasks[: cfg.limit]
     if chat:
         prompts = [tokenizer.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks]
-        stop = [tokenizer.special(ASSISTANT_END)]
+        stop = tokenizer.turn_end_ids
     else:
         shots = [tokenizer.encode(world.task_document(t) + "\n\n")
                  for t in world.train_tasks(cfg.few_shot, seed=12345, config=world_config)]

@@ -22,6 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+HF_FAMILIES = ("llama", "qwen2")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = field(default=4096, metadata={"range": "[1, inf)", "help": "vocabulary size (set from the tokenizer)"})
@@ -35,17 +39,40 @@ class GPTConfig:
     norm_eps: float = field(default=1e-5, metadata={"range": "(0, inf)", "help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the input embedding with the output head"})
     init_std: float = field(default=0.02, metadata={"range": "(0, inf)", "help": "std of the normal init of weights"})
+    # What an imported Hugging Face model may need beyond gptstack's own architecture (model/hf.py);
+    # the defaults are gptstack's model, and a config.json without these fields loads as before.
+    head_size: int = field(default=0, metadata={"range": "[0, inf)", "help": "per-head width; 0 = n_embd / n_head (Qwen3, Gemma set it apart)"})
+    qkv_bias: bool = field(default=False, metadata={"help": "biases on the q/k/v projections (Qwen2; Llama's attention_bias)"})
+    proj_bias: bool = field(default=False, metadata={"help": "a bias on the attention output projection (Llama's attention_bias)"})
+    mlp_bias: bool = field(default=False, metadata={"help": "biases on the MLP projections (Llama's mlp_bias)"})
+    rope_type: str = field(default="default", metadata={"help": "default | linear (positions divided by rope_factor) | llama3 (Llama 3.1's frequency-dependent scaling)"})
+    rope_factor: float = field(default=1.0, metadata={"range": "[1, inf)", "help": "linear / llama3 RoPE scaling factor"})
+    rope_low_freq_factor: float = field(default=1.0, metadata={"range": "(0, inf)", "help": "llama3 RoPE: low_freq_factor"})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"range": "(0, inf)", "help": "llama3 RoPE: high_freq_factor"})
+    rope_original_context: int = field(default=8192, metadata={"range": "[1, inf)", "help": "llama3 RoPE: original_max_position_embeddings"})
+    from_hf: str = field(default="", metadata={"help": "`gptstack run`: a local Hugging Face model directory imported as RUN/pretrain (with its tokenizer) instead of pretraining; its sizes replace the ones above"})
+    hf_family: str = field(default="llama", metadata={"help": "the Hugging Face architecture export writes: llama | qwen2 (an import keeps its own)"})
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        if self.n_embd % self.n_head:
+        if not self.head_size and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
         if self.head_dim % 2:
-            raise ValueError("model: head dim (n_embd / n_head) must be even for RoPE")
+            raise ValueError("model: head dim (n_embd / n_head, or head_size) must be even for RoPE")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"model.rope_type: expected one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("model.rope_high_freq_factor must be larger than model.rope_low_freq_factor")
+        if self.hf_family not in HF_FAMILIES:
+            raise ValueError(f"model.hf_family: expected one of {', '.join(HF_FAMILIES)}, got {self.hf_family!r}")
+        if self.hf_family == "qwen2" and (self.proj_bias or self.mlp_bias or not self.qkv_bias):
+            raise ValueError("model.hf_family 'qwen2' has q/k/v biases and no others (qkv_bias=true, proj_bias=mlp_bias=false)")
+        if self.hf_family == "llama" and self.qkv_bias != self.proj_bias:
+            raise ValueError("model.hf_family 'llama' has biases on all of q/k/v/o or none (qkv_bias = proj_bias)")
 
     # 0 means "derive from the other sizes"; derived here, not stored, so a recipe that changes
     # n_embd also changes the MLP width.
@@ -59,7 +86,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,14 +125,35 @@ class KVCache:
         return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def inv_frequencies(config: GPTConfig, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,) as `transformers` computes them for the rope
+    types gptstack reproduces (modeling_rope_utils: default, linear, llama3)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if config.rope_type == "linear":  # positions / factor, i.e. every frequency / factor
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        # long wavelengths (> original context / low_freq_factor) slowed by `factor`, short ones (<
+        # original context / high_freq_factor) kept, those between interpolated smoothly
+        factor, low, high, ctx = (config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor,
+                                  config.rope_original_context)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > ctx / low, inv_freq / factor, inv_freq)
+        smooth = (ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < ctx / high) & ~(wavelen > ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and *signed* sin, shape (length, 1, head_dim), in HF Llama's rotate-half layout.
 
     Llama computes x*cos + rotate_half(x)*sin with rotate_half(x) = (-x2, x1). Folding the minus
     into the table (sin_signed = (-sin, sin)) leaves x*cos + (x2, x1)*sin_signed: one op fewer
     per call, on a path that runs twice per layer forward and backward.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = inv_frequencies(config, device)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos().unsqueeze(1), torch.cat([-sin, sin], dim=-1).unsqueeze(1)
@@ -142,8 +190,8 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.proj_bias)
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,8 +219,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.n_embd, 2 * config.ffn_dim, bias=False)
-        self.down = nn.Linear(config.ffn_dim, config.n_embd, bias=False)
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.ffn_dim, bias=config.mlp_bias)
+        self.down = nn.Linear(config.ffn_dim, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -202,7 +250,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        cos, sin = rope_tables(config, config.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -212,6 +260,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 # residual-stream writes scaled down with depth (GPT-2), so the stream's variance
                 # does not grow with the number of blocks
@@ -225,7 +275,7 @@ class GPT(nn.Module):
 
     def _extend_rope(self, end: int, device) -> None:
         if end > self.rope_cos.size(0):  # beyond the trained context (sampling long): extend the tables
-            cos, sin = rope_tables(self.config.head_dim, max(end, 2 * self.rope_cos.size(0)), self.config.rope_theta, device)
+            cos, sin = rope_tables(self.config, max(end, 2 * self.rope_cos.size(0)), device)
             self.rope_cos, self.rope_sin = cos, sin
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, *,
@@ -311,8 +361,8 @@ class GPT(nn.Module):
         c = self.config
         T = seq_len or c.block_size
         matmul_params = self.num_params() - self.tok_emb.weight.numel() * (0 if c.tie_embeddings else 1)
-        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
-        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * T
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith(("norm.weight", ".bias")))
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gpt import GPT, rope_tables
+from .lora import merged_weight
 
 
 def _mkl_packed_ok() -> bool:
@@ -47,12 +48,20 @@ class PreparedWeights:
         c = model.config
         H, Hkv, hd = c.n_head, c.kv_heads, c.head_dim
         self.emb = model.tok_emb.weight.detach()
-        self.mats = []
+        self.mats, self.biases = [], []
         for b in model.layers:
-            q, k, v = b.attn.qkv.weight.detach().split([H * hd, Hkv * hd, Hkv * hd])
+            q, k, v = merged_weight(b.attn.qkv).split([H * hd, Hkv * hd, Hkv * hd])
             qkv = torch.cat([_interleave_halves(q, H, hd), _interleave_halves(k, Hkv, hd), v])
-            self.mats.append((qkv * b.attn_norm.weight.detach(), b.attn.proj.weight.detach(),
-                              b.mlp.gate_up.weight.detach() * b.mlp_norm.weight.detach(), b.mlp.down.weight.detach()))
+            self.mats.append((qkv * b.attn_norm.weight.detach(), merged_weight(b.attn.proj),
+                              merged_weight(b.mlp.gate_up) * b.mlp_norm.weight.detach(), merged_weight(b.mlp.down)))
+            # biases (imported Qwen2 / Llama with attention_bias or mlp_bias) are added after each
+            # matmul; the norm folding leaves them as they are, q/k's follow their rows' new order
+            bq, bk, bv = (b.attn.qkv.bias.detach().split([H * hd, Hkv * hd, Hkv * hd])
+                          if b.attn.qkv.bias is not None else (None,) * 3)
+            self.biases.append((
+                None if bq is None else torch.cat([_interleave_halves(bq[:, None], H, hd)[:, 0],
+                                                   _interleave_halves(bk[:, None], Hkv, hd)[:, 0], bv]),
+                *(None if m.bias is None else m.bias.detach() for m in (b.attn.proj, b.mlp.gate_up, b.mlp.down))))
         self.head = model.lm_head.weight.detach() * model.norm.weight.detach()
         if self.emb.device.type != "cpu":
             self.mode = "linear"  # cuBLAS reads a transposed weight for free
@@ -159,7 +168,7 @@ class Decoder:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         # RoPE on adjacent pairs: one complex multiply by e^(i pos freq) (float32/64), or the
         # same rotation written out in real ops (half precision has no complex multiply)
-        cos, sin = rope_tables(self.hd, positions, c.rope_theta, device)  # (positions, 1, hd), sin signed
+        cos, sin = rope_tables(c, positions, device)  # (positions, 1, hd), sin signed
         half = self.hd // 2
         self.complex_rope = dtype in (torch.float32, torch.float64)
         if self.complex_rope:
@@ -195,8 +204,11 @@ class Decoder:
         causal = mask is None and T > 1
         mats, head = self.w.decode(B) if T == 1 else self.w.prefill()
         x = F.embedding(ids.reshape(-1), self.w.emb)  # (B*T, d)
-        for i, (qkv_f, proj_f, gate_up_f, down_f) in enumerate(mats):
-            qkv = qkv_f(self.norm(x)).view(B, T, H + 2 * Hkv, hd)
+        for i, ((qkv_f, proj_f, gate_up_f, down_f), (qkv_b, proj_b, gate_up_b, down_b)) in enumerate(zip(mats, self.w.biases)):
+            qkv = qkv_f(self.norm(x))
+            if qkv_b is not None:
+                qkv += qkv_b
+            qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = self.rope(qkv[:, :, : H + Hkv], rot)
             kc, vc = self.k[i][rows], self.v[i][rows]
             kc[:, slot:end] = qk[:, :, H:]
@@ -205,9 +217,15 @@ class Decoder:
                                                vc[:, :end].transpose(1, 2), attn_mask=mask, is_causal=causal,
                                                enable_gqa=self.gqa)
             x = proj_f(y.transpose(1, 2).reshape(B * T, H * hd), x)
+            if proj_b is not None:
+                x += proj_b
             gu = gate_up_f(self.norm(x))
+            if gate_up_b is not None:
+                gu += gate_up_b
             f = gu.size(1) // 2
             x = down_f(F.silu(gu[:, :f]).mul_(gu[:, f:]), x)
+            if down_b is not None:
+                x += down_b
         return head(self.norm(x.view(B, T, d)[:, -1]))
 
     def expand(self, n: int, length: int) -> None:

@@ -222,16 +222,17 @@ class Run:
             return self._models["rm"]
 
     def rm_score(self, history: list[dict], reply: str, finished: bool) -> float | None:
-        """RUN/rm's score of a reply, read at its <|assistant_end|> (its last token when cut off)."""
+        """RUN/rm's score of a reply, read at its <|assistant_end|> (its last token when cut off),
+        rendered as the RM was trained (`render_for_rm`; a model's own template may write more after
+        its end-of-turn token)."""
         import torch
+
+        from ..engine.scoring import render_for_rm
 
         rm = self.reward_model()
         if rm is None:
             return None
-        ids, _ = self.tokenizer.render_conversation([*history, {"role": "assistant", "content": reply}])
-        if not finished:
-            ids = ids[:-1]
-        ids = ids[-rm.config.block_size:]
+        ids = render_for_rm(self.tokenizer, history, reply, finished, rm.config.block_size)
         with torch.inference_mode():
             return float(rm.score(torch.tensor([ids]))[0])
 
@@ -240,11 +241,10 @@ class Run:
         the annotator's items; identical and empty responses are dropped (nothing to rank between
         them), and so are prompts left with fewer than two. Call with self.lock held."""
         from ..engine import generate
-        from ..tokenizer import ASSISTANT_END
 
         s = self.cfg.serve
         model = self.language_model(s.stage)
-        tok, end = self.tokenizer, self.tokenizer.special(ASSISTANT_END)
+        tok, ends = self.tokenizer, self.tokenizer.turn_end_ids
         start = self.store.next_prompt_index()
         for _attempt in range(4):
             indices = list(range(start, start + s.batch))
@@ -254,12 +254,12 @@ class Run:
             # the seed moves with the prompt index, so a second pass over the prompt set samples anew
             out = generate(model, [tok.render_prompt(p) for _, p, _ in picked], s.max_new_tokens, n=s.k,
                            temperature=s.temperature, top_k=s.top_k or None,
-                           top_p=s.top_p if s.top_p < 1 else None, stop_ids=[end], seed=s.seed * 1_000_003 + start)
+                           top_p=s.top_p if s.top_p < 1 else None, stop_ids=ends, seed=s.seed * 1_000_003 + start)
             items = []
             for (i, prompt, task), completions in zip(picked, out):
                 texts, finished = [], []
                 for c in completions:
-                    text = tok.decode([t for t in c.tokens if t != end]).strip()
+                    text = tok.decode([t for t in c.tokens if t not in ends]).strip()
                     if text and text not in texts:
                         texts.append(text)
                         finished.append(c.finished)

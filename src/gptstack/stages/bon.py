@@ -41,7 +41,6 @@ from ..eval.fits import fit_gain, kl_bon
 from ..eval.stats import pick_best
 from ..rundir import (adopt_model, check_same_tokenizer, check_vocab, load_scalar_model, load_stage, stamped_config,
                       weights_digest, write_config, write_summary)
-from ..tokenizer import ASSISTANT_END
 from ..train.dist import print0
 from ..train.metrics import MetricsLogger
 
@@ -93,7 +92,7 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
     from ..engine import generate  # noqa: PLC0415
     from ..engine.sampling import stream_seed  # noqa: PLC0415
 
-    end = tok.special(ASSISTANT_END)
+    ends = tok.turn_end_ids
     messages = [[{"role": "user", "content": t.prompt}] for t in tasks]
     texts, ended = [], []
     policy.eval()
@@ -104,8 +103,8 @@ def run(cfg: Config, policy_dir: str | Path, rm_dir: str | Path, out: str | Path
         # the engine keys its random streams by the index within a call: a seed per fixed block of
         # prompts keeps the samples independent of bon.batch_size
         for completions in generate(policy, prompts, bc.max_new_tokens, n=N, temperature=bc.temperature,
-                                    stop_ids=[end], seed=stream_seed(bc.seed, c0, 1 << 20), batch_size=bc.batch_size):
-            texts.append([tok.decode([x for x in c.tokens if x != end]).strip() for c in completions])
+                                    stop_ids=ends, seed=stream_seed(bc.seed, c0, 1 << 20), batch_size=bc.batch_size):
+            texts.append([tok.decode([x for x in c.tokens if x not in ends]).strip() for c in completions])
             ended.append([c.finished for c in completions])
             bar.update(N)
     bar.close()

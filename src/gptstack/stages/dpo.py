@@ -46,7 +46,7 @@ from ..data.formats import Dataset, read_dataset, warn
 from ..data.split import is_heldout
 from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from ..rundir import adopt_model, adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
@@ -142,8 +142,8 @@ def fit_prompt(tok: Tokenizer, prompt: list[dict], room: int) -> list[int] | Non
 def encode_pairs(tok: Tokenizer, ds: Dataset, block_size: int, mode: str = "all") -> tuple[Pairs, dict]:
     """Normalised preference or ranking rows -> Pairs, and counts for summary.json. A ranking row
     gives its pairs (`ranking_pairs`), each response in them encoded once. A response that did
-    not end (a ranking row's "ended" false) gets no <|assistant_end|>."""
-    end = tok.special(ASSISTANT_END)
+    not end (a ranking row's "ended" false) gets no <|assistant_end|> (`tok.turn_end_ids[0]`)."""
+    end = tok.turn_end_ids[0]
     prompts, responses, pairs, group = [], [], [], []
     too_long = 0
     for row_index, row in enumerate(ds.rows):
@@ -217,9 +217,9 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     ds = read_dataset(prefs_file, expect=("preference", "ranking"), skip_bad_rows=skip_bad_rows)
     if ds.n_skipped:
         warn(ds.describe(), info)
-    data, counts = encode_pairs(tok, ds, cfg.model.block_size, tc.pairs)
+    data, counts = encode_pairs(tok, ds, tc.context(cfg.model.block_size), tc.pairs)
     if too_long := counts.get("data/skipped/longer_than_context"):
-        warn(f"{prefs_file}: {too_long} row(s) do not fit the context ({cfg.model.block_size} tokens) even "
+        warn(f"{prefs_file}: {too_long} row(s) do not fit the context ({tc.context(cfg.model.block_size)} tokens) even "
              "without their earlier turns; skipped", info)
     if not len(data.pairs):
         raise UserError(f"{prefs_file}: no preference pair to train on ({ds.describe()})")

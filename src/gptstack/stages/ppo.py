@@ -40,12 +40,12 @@ from ..data.corpus import get_batch
 from ..engine.rollout import Batch, rollout, token_logprobs, token_values
 from ..eval import protocol
 from ..eval.fits import fit_gao_rl
-from ..eval.heldout import heldout_items, heldout_point
+from ..eval.heldout import file_point, heldout_items, heldout_point
 from ..eval.problems import file_problem, greedy_accuracy
 from ..eval.rewards import Rewarder, gold_and_hacks, response_texts
 from ..model.heads import ScalarModel
 from ..rundir import adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_model, load_stage
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from ..train import rl
 from ..train.sources import Item, Prompts, update_seed
 from ..train.dist import cleanup, init_distributed, print0
@@ -123,7 +123,7 @@ def make_experience(update: int, tc: RLConfig, model: PolicyAndCritic, ref: nn.M
     items = prompts.draw(update, rank)
     prompt_ids = [tok.render_prompt(it.messages) for it in items]
     batch = rollout(model.policy, prompt_ids, tc.samples_per_prompt, tc.max_new_tokens, temperature=tc.temperature,
-                    stop_ids=[tok.special(ASSISTANT_END)], seed=seed_of(tc, update, rank, 0), truncate=True).to(device)
+                    stop_ids=tok.turn_end_ids, seed=seed_of(tc, update, rank, 0), truncate=True).to(device)
     texts = response_texts(tok, batch)
     extra = gold_and_hacks(items, batch, texts)
     scores = rewarder(items, batch, texts, extra).float().to(device)
@@ -352,9 +352,12 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
             figures, samples = protocol.evaluate_policy(policy, tok, cfg.world, cfg.eval, reference_model=ref,
                                                         reward_model=rm)
         else:
-            problems = [file_problem(it.messages, it.answer) for it in source.heldout]
+            problems = [file_problem(it.messages, it.answer) for it in source.heldout if it.answer is not None]
             figures, samples = (greedy_accuracy(policy, tok, problems, cfg.eval.max_new_tokens, seed=cfg.eval.seed)
                                 if problems else ({}, []))
+            if source.heldout:  # no gold in a user's file: the RM's score against SFT's, and the KL paid for it
+                figures |= file_point(policy, ref, rm, [it.messages for it in source.heldout[: tc.eval_prompts]],
+                                      tok, tc, cfg.eval.seed)
         atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         summary.update(figures)
         summary.update({"updates": tc.updates, "rollouts": tc.updates * rows * info.world, "reward": reward_name,
@@ -373,6 +376,7 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
                    **{k: v for k, v in summary.items() if isinstance(v, float) and k.startswith("eval/")})
     if info.is_main:
         shown = {"accuracy": "eval/accuracy", "gold": "eval/gold_reward", "proxy": "eval/proxy_score",
+                 "SFT's proxy": "eval/sft_proxy_score",
                  "KL to SFT": "eval/kl_to_sft", "gold peak at d": "gold_peak_d"}
         print0(f"{stage}: " + ", ".join(f"{name} {summary[key]:.3f}" for name, key in shown.items() if key in summary)
                + f"; wrote {stage_dir}")

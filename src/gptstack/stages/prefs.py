@@ -60,12 +60,11 @@ def collect(policy, tok, cfg: Config) -> tuple[list[dict], dict]:
     """Sample, de-duplicate and rank: -> (rows, counts)."""
     from ..engine import generate  # noqa: PLC0415
     from ..engine.sampling import stream_seed  # noqa: PLC0415
-    from ..tokenizer import ASSISTANT_END  # noqa: PLC0415
 
     pc = cfg.prefs
     tasks = world.train_tasks(pc.prompts, seed=pc.seed, config=cfg.world)
     labeler = world.Labeler.from_config(cfg.world)
-    end = tok.special(ASSISTANT_END)
+    ends = tok.turn_end_ids
     rows, counts = [], {"prefs/duplicates": 0, "prefs/empty": 0, "prefs/skipped/fewer_than_2_distinct": 0}
     policy.eval()
     bar = tqdm(total=len(tasks), desc="prefs", unit="prompt", dynamic_ncols=True, mininterval=1.0)
@@ -74,10 +73,10 @@ def collect(policy, tok, cfg: Config) -> tuple[list[dict], dict]:
         prompts = [tok.render_prompt([{"role": "user", "content": t.prompt}]) for t in chunk]
         # the engine keys its random streams by the index within a call: a seed per fixed block of
         # prompts keeps the samples independent of prefs.batch_size
-        samples = generate(policy, prompts, pc.max_new_tokens, n=pc.k, temperature=pc.temperature, stop_ids=[end],
+        samples = generate(policy, prompts, pc.max_new_tokens, n=pc.k, temperature=pc.temperature, stop_ids=ends,
                            seed=stream_seed(pc.seed, c0, 1 << 20), batch_size=pc.batch_size)
         for i, (task, completions) in enumerate(zip(chunk, samples), start=c0):
-            texts = [tok.decode([x for x in c.tokens if x != end]).strip() for c in completions]
+            texts = [tok.decode([x for x in c.tokens if x not in ends]).strip() for c in completions]
             ended = [c.finished for c in completions]
             keep, dup, empty = distinct_responses(texts, ended)
             counts["prefs/duplicates"] += dup

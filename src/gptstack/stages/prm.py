@@ -55,7 +55,7 @@ from ..engine import generate
 from ..engine.scoring import render_steps, response_steps
 from ..eval.verifiers import verifier_figures
 from ..model.heads import ScalarModel
-from ..tokenizer import ASSISTANT_END, Tokenizer
+from ..tokenizer import Tokenizer
 from ..train.checkpoint import load_checkpoint
 from ..rundir import adopt_model, adopt_tokenizer, load_stage, write_summary
 from ..train.dist import cleanup, init_distributed, print0
@@ -101,13 +101,13 @@ def monte_carlo_labels(model, tok: Tokenizer, responses: Sequence[Response], rol
             owners.append((r, j))
     labels: list[list[float]] = [[] for _ in responses]
     if prefixes:
-        end = tok.special(ASSISTANT_END)
-        outs = generate_fn(model, prefixes, max_new_tokens, n=rollouts, temperature=temperature, stop_ids=[end],
+        ends = tok.turn_end_ids
+        outs = generate_fn(model, prefixes, max_new_tokens, n=rollouts, temperature=temperature, stop_ids=ends,
                            seed=seed, truncate=True)
         index = {id(r): i for i, r in enumerate(responses)}
         for (r, j), samples in zip(owners, outs):
             head = "\n".join(r.steps[: j + 1]) + "\n"
-            right = [r.is_right(head + tok.decode([t for t in c.tokens if t != end])) for c in samples]
+            right = [r.is_right(head + tok.decode([t for t in c.tokens if t not in ends])) for c in samples]
             labels[index[id(r)]].append(sum(right) / len(right))
     return [lab + [float(r.correct)] for lab, r in zip(labels, responses)]
 
@@ -118,7 +118,7 @@ def monte_carlo_labels(model, tok: Tokenizer, responses: Sequence[Response], rol
 def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, info) -> tuple[list[dict], dict]:
     """Sample the policy on training prompts and label every step -> stepwise rows and counts."""
     pc = cfg.prm
-    end = tok.special(ASSISTANT_END)
+    ends = tok.turn_end_ids
     if dataset is None:
         tasks = world.train_tasks(pc.prompts, seed=pc.seed, config=cfg.world, families=pc.families)
         items = [(t.prompt, [{"role": "user", "content": t.prompt}], t) for t in tasks]
@@ -132,7 +132,7 @@ def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, 
         chunk = items[c0 : c0 + pc.gen_batch_size]
         prompts = [tok.render_prompt(messages) for _, messages, _ in chunk]
         outs = generate(policy, prompts, pc.max_new_tokens, n=pc.samples, temperature=pc.temperature,
-                        stop_ids=[end], seed=pc.seed + c0, truncate=True)
+                        stop_ids=ends, seed=pc.seed + c0, truncate=True)
         new, new_rows, tasks_of = [], [], []
         for (prompt, _, check), prompt_ids, samples in zip(chunk, prompts, outs):
             if isinstance(check, world.Task):
@@ -142,7 +142,7 @@ def sample_step_data(cfg: Config, policy, tok: Tokenizer, dataset, labels: str, 
                 def is_right(text, answer=check):
                     return check_answer(text, answer)
             for c in samples:
-                steps, _ = response_steps(tok.decode([t for t in c.tokens if t != end]))
+                steps, _ = response_steps(tok.decode([t for t in c.tokens if t not in ends]))
                 if not steps:
                     skipped["empty_response"] += 1
                     continue

@@ -71,7 +71,7 @@ from ..eval.problems import greedy_accuracy, world_problems
 from ..eval.stats import preference_metrics
 from ..model.heads import (ScalarModel, gather_last, latest_start, pad_sequences, response_token_logprobs,
                            scalar_metadata, scalar_weights, score_ids, sequence_scores)
-from ..tokenizer import ASSISTANT_END, ASSISTANT_START, Tokenizer
+from ..tokenizer import ASSISTANT_START, Tokenizer
 from ..rundir import adopt_model, adopt_tokenizer, load_stage
 from ..train.dist import cleanup, init_distributed, print0
 from ..train.loop import Session, resume_state
@@ -138,7 +138,13 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     stage_dir = run_dir / STAGE
     policy, source_cfg, tok = load_stage(source, info.device)
     cfg = adopt_model(cfg, source_cfg)
-    block = cfg.model.block_size
+    block = tc.context(cfg.model.block_size)
+    # both find the response after the latest <|assistant_start|>, which a model's own template lacks
+    needs_start = [o for o, on in (("rm.lm_coef", tc.lm_coef > 0), ("rm.likelihood_score", tc.likelihood_score)) if on]
+    if needs_start and ASSISTANT_START not in tok.special_tokens:
+        raise UserError(f"{needs_start[0]}: needs gptstack's chat format (the response is what follows "
+                        f"{ASSISTANT_START}), but {source}'s tokenizer renders chats with the model's own template "
+                        "(gptstack import --chat model); turn it off, or import with --chat gptstack")
 
     # --- data: read, render and split everything before any training -------------------------------
     rows, counts = load_preferences(prefs, skip_bad_rows)
@@ -175,7 +181,7 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     state = resume_state(stage_dir, fresh, info)
 
     # --- model: the SFT trunk, a zero head (every score starts at 0, the loss at log 2) -------------
-    start_id = tok.special(ASSISTANT_START)
+    start_id = tok.special(ASSISTANT_START) if needs_start else -1
     rm = ScalarModel.from_policy(policy, "reward", lm_head=tc.lm_coef > 0,
                                  response_start_id=start_id if tc.likelihood_score else None)
     if tc.likelihood_score:
@@ -289,10 +295,10 @@ def normalization(rm: ScalarModel, policy, tok: Tokenizer, prompts: list[list[di
 
     order = np.random.default_rng(seed).permutation(len(prompts))[: tc.norm_prompts]
     rendered = [tok.render_prompt(prompts[i]) for i in order]
-    end = tok.special(ASSISTANT_END)
-    out = generate(policy.eval(), rendered, tc.max_new_tokens, n=1, temperature=1.0, stop_ids=[end], seed=seed,
+    ends = tok.turn_end_ids
+    out = generate(policy.eval(), rendered, tc.max_new_tokens, n=1, temperature=1.0, stop_ids=ends, seed=seed,
                    truncate=True)
-    responses = [[t for t in c.tokens if t != end] for (c,) in out]
+    responses = [[t for t in c.tokens if t not in ends] for (c,) in out]
     scores = score_texts(rm, tok, rendered, responses, [c.finished for (c,) in out], tc.score_batch_size)
     if len(scores) < 2:
         return float(scores[0]) if scores else 0.0, 1.0

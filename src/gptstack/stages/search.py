@@ -47,7 +47,6 @@ from ..eval.problems import file_problems, world_problems
 from ..eval.stats import pick_best, wilson_interval
 from ..rundir import (check_same_tokenizer, check_vocab, load_scalar_model, load_stage, scalar_kind, write_config,
                       write_summary)
-from ..tokenizer import ASSISTANT_END
 
 STAGE = "search"
 METHODS = ("prm", "orm", "rm", "majority", "prm_search")
@@ -157,14 +156,14 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
     write_config(stage_dir, cfg.to_dict())
 
     # --- sample max(N) responses per prompt, score each with every verifier ---------------------
-    S, end = ns[-1], tok.special(ASSISTANT_END)
+    S, ends = ns[-1], tok.turn_end_ids
     prompts = [tok.render_prompt(pr.messages) for pr in problems]
     completions = []
     for c0 in tqdm(range(0, len(prompts), sc.batch_size), desc=f"search: {S} samples", unit="batch", dynamic_ncols=True):
         completions += generate(policy, prompts[c0 : c0 + sc.batch_size], sc.max_new_tokens, n=S,
-                                temperature=sc.temperature, stop_ids=[end], seed=sc.seed + c0, batch_size=sc.batch_size)
+                                temperature=sc.temperature, stop_ids=ends, seed=sc.seed + c0, batch_size=sc.batch_size)
     flat_p = [p for p in range(len(prompts)) for _ in range(S)]
-    texts = [tok.decode([t for t in c.tokens if t != end]) for cs in completions for c in cs]
+    texts = [tok.decode([t for t in c.tokens if t not in ends]) for cs in completions for c in cs]
     ended = [c.finished for cs in completions for c in cs]
     correct = np.array([problems[p].is_right(t) for p, t in zip(flat_p, texts)]).reshape(-1, S)
     keys = [[problems[p].answer_key(t) for t in texts[p * S : (p + 1) * S]] for p in range(len(prompts))]
@@ -212,7 +211,7 @@ def run(cfg: Config, policy_dir: str | Path, prm_dir: str | Path, out: str | Pat
     for n in ns:
         chosen, used = prm_search(policy, verifiers["prm"], tok, prompts, budgets[n], n, sc, seed=sc.seed)
         assert all(u <= b for u, b in zip(used, budgets[n])), "prm_search exceeded its token budget"
-        chosen_texts = [tok.decode([t for t in b.tokens if t != end]) for b in chosen]
+        chosen_texts = [tok.decode([t for t in b.tokens if t not in ends]) for b in chosen]
         right = np.array([pr.is_right(t) for pr, t in zip(problems, chosen_texts)])[:, None]
         picks_right["prm_search"][n] = right
         accuracy["prm_search"][str(n)] = float(right.mean())

@@ -137,6 +137,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
         skip_bad_rows: bool = False) -> dict:
     t_start = time.perf_counter()
     tc = cfg.sft
+    data = data or tc.data or None   # --data, else the config's sft.data
     info = init_distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -148,18 +149,19 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
 
     # --- data: read and validate everything before any training ---------------------------------
     conversations, counts, heldout = load_conversations(data, cfg, skip_bad_rows)
-    rendered, too_long = render_all(tok, conversations, cfg.model.block_size)
+    context = tc.context(cfg.model.block_size)
+    rendered, too_long = render_all(tok, conversations, context)
     held = []  # (rendered, messages, answer) of the held-out conversations that fit the context
     for messages, answer in heldout:
-        one, dropped = render_all(tok, [messages], cfg.model.block_size)
+        one, dropped = render_all(tok, [messages], context)
         held += [(one[0], messages, answer)] if one else []
         too_long += dropped
     if too_long:
-        warn(f"{data or 'world'}: {too_long} conversation(s) longer than the context ({cfg.model.block_size} "
+        warn(f"{data or 'world'}: {too_long} conversation(s) longer than the context ({context} "
              "tokens) skipped", info)
         counts["data/skipped/longer_than_context"] = too_long
     if not rendered:
-        raise UserError(f"{data or 'world'}: no conversation fits the context of {cfg.model.block_size} tokens")
+        raise UserError(f"{data or 'world'}: no conversation fits the context of {context} tokens")
     if not any((r[1] >= 0).any() for r in rendered):
         raise UserError(f"{data}: no assistant tokens to learn from")
     if data not in (None, "world"):
@@ -192,7 +194,7 @@ def run(cfg: Config, source: str | Path, out: str | Path, data: str | None = Non
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
         x, y, seg = get_batch(rendered, tc.batch_size, tc.seed, step, micro, info.rank, info.world,
-                              pack_to=cfg.model.block_size if tc.packing else 0,
+                              pack_to=context if tc.packing else 0,
                               pair_cost=attention_pair_cost(cfg.model.n_embd))
         return session.step_model(x.to(info.device), y.to(info.device),
                                   segments=None if seg is None else seg.to(info.device))

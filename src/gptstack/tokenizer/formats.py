@@ -208,7 +208,7 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
              "normalized": False, "special": s not in tok.text_tokens}   # an imported tokenizer's text tokens stay text
             for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
         ],
-        "normalizer": None,
+        "normalizer": {"type": "NFC"} if tok.normalizer == "nfc" else None,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": _bos_post_processor(tok),
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
@@ -229,8 +229,13 @@ def to_huggingface(tok: "Tokenizer", path: str | os.PathLike) -> Path:
         for key in ("bos_token", "eos_token", "pad_token"):
             if specials[key] is not None:
                 config[key] = specials[key]
-        if specials["chat"]:
+        if tok.chat_template:  # an imported model's own template, rendered with its own bos/eos/pad
+            config["chat_template"] = tok.chat_template
+        elif specials["chat"]:
             config["chat_template"] = chat_template(specials["chat_bos"])
+        # transformers prefers a chat_template.jinja to the config's template: one left from an
+        # earlier save here would shadow this one
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
         atomic_write_json(directory / "tokenizer_config.json", config)
     return file
 
@@ -286,6 +291,8 @@ def hf_special_tokens(tok: "Tokenizer") -> dict:
     roles = tok.special_roles  # an imported tokenizer's own bos/eos/pad come back as they were
     bos = roles.get("bos_token") or (BOS if BOS in have else (ENDOFTEXT if ENDOFTEXT in have else None))
     eos = roles.get("eos_token") or (ASSISTANT_END if ASSISTANT_END in have else (ENDOFTEXT if ENDOFTEXT in have else None))
+    if tok.chat_template:  # a model's own template renders bos_token/eos_token: exactly its own, or none
+        bos, eos = roles.get("bos_token"), roles.get("eos_token")
     unused = [s for s, _ in sorted(have.items(), key=lambda kv: kv[1])
               if s not in (BOS, *chat_tokens) and s not in tok.text_tokens]
     pad = roles.get("pad_token") or (STEP if STEP in unused else (unused[-1] if unused else None))

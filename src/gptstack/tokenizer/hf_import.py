@@ -12,7 +12,7 @@ naming the file and the field, before the caller writes anything:
   splits into an unlisted pair must come out of both alike. tiktoken takes a pre-split chunk that
   is a whole token as that token (HF's `ignore_merges: true`); with `ignore_merges: false` every
   token must come out of its own merges as itself. (Both hold for GPT-2's 50k tokens.)
-- normalizer: none.
+- normalizer: none, or NFC (Qwen2's).
 - pre_tokenizer: ByteLevel (with use_regex: GPT-2's split; without: no split), or a Sequence of a
   regex Split (behavior Isolated, as Llama 3 and Qwen2) or Digits (as SmolLM and StarCoder)
   followed by ByteLevel; add_prefix_space false.
@@ -82,9 +82,9 @@ def read_huggingface(directory: str | os.PathLike) -> dict:
     model = spec["model"]
     if model.get("type") != "BPE":
         raise refuse("model.type", f"{model.get('type')!r} is not supported; gptstack reads byte-level BPE only")
-    if spec.get("normalizer") is not None:
-        raise refuse("normalizer", f"{_kind(spec['normalizer'])} is not supported (gptstack's encoder does not "
-                     "normalize text); only null is")
+    normalizer = _normalizer(spec.get("normalizer"))
+    if normalizer is False:
+        raise refuse("normalizer", f"{_kind(spec['normalizer'])} is not supported (only null and NFC, Qwen2's)")
     if model.get("dropout") not in (None, 0, 0.0):
         raise refuse("model.dropout", f"{model['dropout']}: BPE dropout is random; only null is supported")
     if model.get("byte_fallback"):
@@ -118,7 +118,17 @@ def read_huggingface(directory: str | os.PathLike) -> dict:
         "text_tokens": text_tokens,
         "special_roles": roles,
         "name": file.parent.name or "hf",
+        "normalizer": normalizer,
     }
+
+
+def _normalizer(spec) -> str | None | bool:
+    """tokenizer.json's normalizer -> None (none), "nfc", or False (one gptstack cannot reproduce)."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict) and spec.get("type") == "Sequence" and len(spec.get("normalizers") or []) == 1:
+        spec = spec["normalizers"][0]
+    return "nfc" if isinstance(spec, dict) and spec.get("type") == "NFC" else False
 
 
 def _kind(obj) -> str:

@@ -4,7 +4,9 @@ Encoding goes through a `tiktoken.Encoding` built from the learned ranks: tiktok
 is the fastest byte-level BPE encoder there is, so there is no reason to write a slower one.
 Ordinary text never becomes a special token: `encode("<|bos|>")` is the plain characters, and
 specials enter only by id (`tok.special("<|bos|>")`), so a user typing a control string into a
-chat cannot forge a turn boundary.
+chat cannot forge a turn boundary. (An imported model's own chat template is the exception: its
+rendered text is tokenized as transformers tokenizes it, every special string matched, so the ids
+are the ones the model was tuned on.)
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import base64
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,8 +30,10 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 STEP = "<|step|>"
 DEFAULT_SPECIALS = (BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, STEP)
 
-# 2: text_tokens (a file without them is written as version 1, byte for byte as before)
-FORMAT_VERSION = 2
+# 2: text_tokens; 3: chat_template; 4: normalizer (a file without them is written as before, byte
+# for byte; a reader too old for one refuses the file rather than encode or render wrongly)
+FORMAT_VERSION = 4
+NORMALIZERS = ("nfc",)
 
 
 class Tokenizer:
@@ -43,11 +48,16 @@ class Tokenizer:
         name: str = "gptstack",
         text_tokens: Sequence[str] = (),
         special_roles: dict[str, str] | None = None,
+        chat_template: str | None = None,
+        normalizer: str | None = None,
     ):
         """`text_tokens`: specials that `encode` also matches in text (HF's non-special added tokens,
         kept so an imported tokenizer gives HF's ids); every other special enters only by id.
         `special_roles`: {"bos_token"|"eos_token"|"pad_token": special} as an imported tokenizer's
-        HF files name them; `bos_id` falls back to bos_token where there is no <|bos|>."""
+        HF files name them; `bos_id` falls back to bos_token where there is no <|bos|>.
+        `chat_template`: an imported model's own Jinja chat template (`gptstack import --chat model`);
+        chats then render through it, as transformers' `apply_chat_template` does.
+        `normalizer`: "nfc" = Unicode NFC before encoding (Qwen2's tokenizer.json), or None."""
         self.pattern_name = pattern if pattern in PATTERNS else ("none" if pattern is None else "custom")
         self.pattern = resolve_pattern(pattern)
         if not isinstance(special_tokens, dict):
@@ -57,6 +67,10 @@ class Tokenizer:
         self.name = name
         self.text_tokens = list(dict.fromkeys(text_tokens))
         self.special_roles = dict(special_roles or {})
+        self.chat_template = chat_template or None
+        if normalizer not in (None, *NORMALIZERS):
+            raise UserError(f"tokenizer: normalizer: expected one of {', '.join(NORMALIZERS)} or none, got {normalizer!r}")
+        self.normalizer = normalizer
         for field, names in (("text_tokens", self.text_tokens), ("special_roles", self.special_roles.values())):
             if unknown := [s for s in names if s not in self.special_tokens]:
                 raise UserError(f"tokenizer: {field}: {unknown} are not special tokens")
@@ -78,6 +92,11 @@ class Tokenizer:
             raise UserError(f"pattern: tiktoken cannot compile {self.pattern!r}: {e}") from None
         self._id_to_bytes = {i: t for t, i in self.mergeable_ranks.items()}
         self._id_to_bytes.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self._all_split = None  # built on first use by `encode_with_specials`
+        self._turn_end_ids: list[int] | None = None
+        if self.chat_template is not None:
+            from .chat_template import compile_template
+            compile_template(self.chat_template)  # bad Jinja is refused here, not at the first chat
 
     # --- training ---------------------------------------------------------------------------
 
@@ -129,8 +148,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
+    def normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text) if self.normalizer == "nfc" else text
+
     def encode(self, text: str) -> list[int]:
         """Ordinary text -> ids. Special-token strings in `text` stay plain text (but `text_tokens`)."""
+        text = self.normalize(text)
         if self._text_split is None:
             return self._enc.encode_ordinary(text)
         ids: list[int] = []
@@ -141,11 +164,29 @@ class Tokenizer:
                 ids += self._enc.encode_ordinary(piece)
         return ids
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Text with every special-token string in it matched as that special (leftmost, then longest),
+        the rest BPE: how HF tokenizes a rendered chat template. Only for text the chat template
+        renders; everywhere else `encode` keeps special strings plain."""
+        text = self.normalize(text)
+        if not self.special_tokens:
+            return self._enc.encode_ordinary(text)
+        if self._all_split is None:
+            self._all_split = re.compile("(" + "|".join(
+                re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+        ids: list[int] = []
+        for k, piece in enumerate(self._all_split.split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self._enc.encode_ordinary(piece)
+        return ids
+
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Many texts at once, on `num_threads` threads (tiktoken releases the GIL)."""
         if self._text_split is not None:
             return [self.encode(t) for t in texts]
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        return self._enc.encode_ordinary_batch([self.normalize(t) for t in texts], num_threads=num_threads or os.cpu_count() or 1)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self._enc.decode_bytes(list(ids))
@@ -168,9 +209,16 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        """<|bos|>; in an imported tokenizer without it, the special its HF files name bos_token."""
+        """<|bos|>; in an imported tokenizer without it, the special its HF files name bos_token.
+        A model imported with its own chat template and no bos_token (Qwen) starts documents (pretrain,
+        `sample`, few-shot prompts) with <|endoftext|>, its pretraining separator, else its eos_token;
+        its chats start as its template says."""
         if BOS not in self.special_tokens and "bos_token" in self.special_roles:
             return self.special_tokens[self.special_roles["bos_token"]]
+        if BOS not in self.special_tokens and self.chat_template is not None:
+            for name in ("<|endoftext|>", self.special_roles.get("eos_token")):
+                if name in self.special_tokens:
+                    return self.special_tokens[name]
         return self.special(BOS)
 
     # --- chat template ----------------------------------------------------------------------
@@ -182,8 +230,12 @@ class Tokenizer:
         The mask is 1 exactly on assistant content and its <|assistant_end|> (what the model must
         learn to produce, including when to stop), 0 elsewhere. A leading system message is
         prepended to the first user turn (the model has no separate system role).
+        With a model's own chat template: `apply_chat_template(messages)`'s ids, the mask 1 on each
+        assistant turn's content and its end-of-turn token (`_template_conversation`).
         """
         turns = _validate_messages(messages, final_role=None)
+        if self.chat_template is not None:
+            return self._template_conversation(messages)
         ids, mask = [self.bos_id], [0]
         for role, content in turns:
             if role == "user":
@@ -197,10 +249,82 @@ class Tokenizer:
         return ids, mask
 
     def render_prompt(self, messages: Sequence[dict]) -> list[int]:
-        """Messages ending with a user turn -> ids ending in <|assistant_start|>, ready to sample."""
+        """Messages ending with a user turn -> ids ending in <|assistant_start|> (with a model's own
+        template: its generation prompt, e.g. ChatML's "<|im_start|>assistant" and a newline), ready to sample."""
         _validate_messages(messages, final_role="user")
+        if self.chat_template is not None:
+            return self.encode_with_specials(self._render(messages, add_generation_prompt=True))
         ids, _ = self.render_conversation(messages)
         return ids + [self.special(ASSISTANT_START)]
+
+    @property
+    def turn_end_ids(self) -> list[int]:
+        """The ids that end an assistant turn, the turn's own end token first (what a finished
+        response ends with): <|assistant_end|>, or with a model's own template the special it writes
+        right after the assistant's content (<|im_end|>, <|eot_id|>), then the eos_token where that
+        differs. Generation stops on any of them."""
+        if self._turn_end_ids is None:
+            eos = self.special_roles.get("eos_token")
+            if self.chat_template is None:
+                first = self.special(ASSISTANT_END)
+            else:
+                # the first special after an assistant's content in a probe chat
+                probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+                head, full = self._render(probe[:1], True), self._render(probe, False)
+                tail = self.encode_with_specials(full[len(head):] if full.startswith(head) else "")
+                ends = [i for i in tail if i in self.special_tokens.values()]
+                if not ends and eos is None:
+                    raise UserError(f"chat template of {self.name}: cannot tell which token ends an assistant "
+                                    "turn (no special token follows its content, and there is no eos_token)")
+                first = ends[0] if ends else self.special_tokens[eos]
+            ids = [first] + ([self.special_tokens[eos]] if eos is not None else [])
+            self._turn_end_ids = list(dict.fromkeys(ids))
+        return list(self._turn_end_ids)
+
+    def with_chat_template(self, template: str | None) -> "Tokenizer":
+        """This tokenizer rendering chats with `template` (a model's own Jinja chat template; None:
+        gptstack's format): same ids for text, a new identity (chats render differently)."""
+        return Tokenizer(self.mergeable_ranks, pattern=self.pattern_name if self.pattern_name in PATTERNS else self.pattern,
+                         special_tokens=self.special_tokens, name=self.name, text_tokens=self.text_tokens,
+                         special_roles=self.special_roles, chat_template=template, normalizer=self.normalizer)
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        from .chat_template import render
+
+        return render(self.chat_template, messages, self.special_roles, add_generation_prompt, self.name)
+
+    def _template_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """(ids, mask) through the model's own template. Few templates mark the assistant's text
+        ({% generation %}), so each assistant turn is found by rendering prefixes: messages[:i]
+        with the generation prompt, then messages[:i+1]; the text between them is turn i (content,
+        end-of-turn token, whatever the template writes after it). That needs a prefix-stable
+        template (rendering more messages only appends), which is checked."""
+        full = self._render(messages, add_generation_prompt=False)
+        ids = self.encode_with_specials(full)
+        starts, at = [], 0  # byte offset of each token in `full`
+        for i in ids:
+            starts.append(at)
+            at += len(self._id_to_bytes[i])
+        mask = [0] * len(ids)
+        ends = set(self.turn_end_ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            upto = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise UserError(
+                    f"chat template of {self.name}: not prefix-stable at messages[{i}] (rendering the chat up to "
+                    "an assistant turn is not the start of rendering it further), so the assistant's tokens "
+                    "cannot be found for the loss mask; this template cannot be used to train")
+            lo, hi = len(before.encode("utf-8")), len(upto.encode("utf-8"))
+            span = [k for k, s in enumerate(starts) if lo <= s < hi]
+            # through the turn's end token; what the template writes after it (ChatML's "\n") is 0
+            last = max((k for k in span if ids[k] in ends), default=None)
+            for k in span:
+                if last is None or k <= last:
+                    mask[k] = 1
+        return ids, mask
 
     def with_chat_specials(self) -> tuple["Tokenizer", list[str]]:
         """(this tokenizer with gptstack's chat specials, the specials it added): each of
@@ -222,18 +346,20 @@ class Tokenizer:
         roles = {**self.special_roles, "eos_token": ASSISTANT_END}
         return Tokenizer(self.mergeable_ranks, pattern=self.pattern_name if self.pattern_name in PATTERNS else self.pattern,
                          special_tokens=specials, name=self.name, text_tokens=self.text_tokens,
-                         special_roles=roles), added
+                         special_roles=roles, normalizer=self.normalizer), added
 
     # --- persistence ------------------------------------------------------------------------
 
     @property
     def identity(self) -> str:
-        """sha256 of what decides the ids (ranks, pre-split pattern, special tokens): two tokenizers
-        with equal identities encode every text alike. Stages stamp it into their config.json."""
+        """sha256 of what decides the ids (ranks, pre-split pattern, special tokens, and a model's own
+        chat template with the bos/eos/pad strings it renders): two tokenizers with equal identities
+        encode every text and chat alike. Stages stamp it into their config.json."""
         if getattr(self, "_identity", None) is None:
             from .formats import ranks_sorted
             ranks = [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks_sorted(self.mergeable_ranks)]
-            self._identity = content_identity(ranks, self.pattern, self.special_tokens, self.text_tokens)
+            self._identity = content_identity(ranks, self.pattern, self.special_tokens, self.text_tokens,
+                                              self.chat_template, self.special_roles, self.normalizer)
         return self._identity
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -244,7 +370,7 @@ class Tokenizer:
         ranks = ranks_sorted(self.mergeable_ranks)
         data = {
             "format": "gptstack-tokenizer",
-            "version": FORMAT_VERSION if self.text_tokens else 1,
+            "version": 4 if self.normalizer else 3 if self.chat_template else 2 if self.text_tokens else 1,
             "name": self.name,
             "pattern_name": self.pattern_name,
             "pattern": self.pattern,
@@ -254,6 +380,10 @@ class Tokenizer:
             data["text_tokens"] = self.text_tokens
         if self.special_roles:
             data["special_roles"] = self.special_roles
+        if self.chat_template:
+            data["chat_template"] = self.chat_template
+        if self.normalizer:
+            data["normalizer"] = self.normalizer
         # [base64 token bytes, rank]; ranks of imported vocabularies need not start at 0
         # for single bytes (GPT-2's do not), so both are stored.
         data["ranks"] = [[base64.b64encode(t).decode("ascii"), r] for t, r in ranks]
@@ -277,7 +407,8 @@ class Tokenizer:
         name = data.get("pattern_name")
         pattern = name if name in PATTERNS else data["pattern"]
         tok = cls(ranks, pattern=pattern, special_tokens=data["special_tokens"], name=data.get("name", "gptstack"),
-                  text_tokens=data.get("text_tokens", ()), special_roles=data.get("special_roles"))
+                  text_tokens=data.get("text_tokens", ()), special_roles=data.get("special_roles"),
+                  chat_template=data.get("chat_template"), normalizer=data.get("normalizer"))
         if tok.pattern != data["pattern"]:
             raise UserError(f"{path}: pattern {name!r} differs from the stored regex; the file was edited by hand?")
         return tok
@@ -373,13 +504,20 @@ def _validate_messages(messages: Sequence[dict], final_role: str | None) -> list
     return turns
 
 
-def content_identity(ranks: list, pattern: str, special_tokens: dict, text_tokens: Sequence[str] = ()) -> str:
+def content_identity(ranks: list, pattern: str, special_tokens: dict, text_tokens: Sequence[str] = (),
+                     chat_template: str | None = None, special_roles: dict | None = None,
+                     normalizer: str | None = None) -> str:
     """The identity of a tokenizer as gptstack.json stores it ([b64 token, rank] pairs by rank)."""
     import hashlib
 
     content = {"ranks": ranks, "pattern": pattern, "special_tokens": special_tokens}
     if text_tokens:  # absent otherwise, so tokenizers without them keep their identity
         content["text_tokens"] = list(text_tokens)
+    if chat_template:  # likewise; the roles count only here, as the template renders their strings
+        content["chat_template"] = chat_template
+        content["special_roles"] = dict(special_roles or {})
+    if normalizer:
+        content["normalizer"] = normalizer
     blob = json.dumps(content, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -388,7 +526,8 @@ def stored_identity(directory: str | os.PathLike) -> str | None:
     """The identity of the tokenizer saved in `directory` (without building it), None if there is none."""
     try:
         data = json.loads((Path(directory) / "gptstack.json").read_text(encoding="utf-8"))
-        return content_identity(data["ranks"], data["pattern"], data["special_tokens"], data.get("text_tokens", ()))
+        return content_identity(data["ranks"], data["pattern"], data["special_tokens"], data.get("text_tokens", ()),
+                                data.get("chat_template"), data.get("special_roles"), data.get("normalizer"))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as e:

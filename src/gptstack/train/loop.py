@@ -9,6 +9,11 @@
 A Session owns: the (DDP/FSDP-wrapped) model and its optimizer, restoring both plus RNG from the
 stage's checkpoint, the learning-rate schedule, gradient accumulation with the right DDP/FSDP
 sync, clipping, the NaN/inf guard, atomic checkpoints, metrics and the progress bar.
+
+LoRA (`<section>.lora_rank` > 0) is applied here, for every stage alike: adapters on the model's
+GPTs before wrapping, so the optimizer holds only the trainable parameters, checkpoints hold the
+adapters and their optimizer state (a resume is exact), the stage's own evaluation and sampling see
+the adapted model, and `finish` saves the merged plain weights.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from ..common import TrainingDiverged, UserError, remove_stale_temps
-from ..config import LogConfig
+from ..config import LogConfig, TrainConfig
+from ..model.lora import apply_lora, merge_lora_state_dict, param_counts
 from ..rundir import save_model, write_config, write_summary
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
 from .dist import DistInfo, all_reduce_mean, print0, wrap_model
@@ -54,6 +60,7 @@ class Session:
     checkpoint_step: int | None = None   # the step of the checkpoint on disk
     last_loss: float | None = None       # the last finite step's loss (kept in checkpoints for the summary)
     epoch_size: int | None = None        # examples per epoch, when the stage sets it: train/epoch is logged
+    trainable_params: int | None = None  # with LoRA: the adapters' (and heads') parameter count, for summary.json
     bar: tqdm | None = None
     _t_last: float = field(default_factory=time.perf_counter)
 
@@ -70,6 +77,15 @@ class Session:
             raise UserError(f"{section}.{e}") from None
         if tc.batch_size < 1 or tc.grad_accum < 1 or tc.max_steps < 1:
             raise UserError(f"{section}: batch_size, grad_accum and max_steps must be >= 1")
+        lora_targets = tc.check_lora(section)
+        if state is not None:
+            check_same_lora(tc, section, state, stage_dir)
+        trainable = None
+        if tc.lora_rank:
+            apply_lora(model, tc.lora_rank, tc.lora_alpha, lora_targets, tc.lora_dropout)
+            trainable, total = param_counts(model)
+            print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+                   info=info)
         train_model = wrap_model(model, info, tc.fsdp)
         optimizer = build_optimizer(train_model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         start_step = 0
@@ -86,7 +102,7 @@ class Session:
             write_config(stage_dir, config)
         session = cls(tc, section, model, train_model, step_model, optimizer, info, Path(stage_dir), config, dtype,
                       logger, start_step, checkpoint_step=start_step if state is not None else None,
-                      last_loss=(state or {}).get("extra", {}).get("train/last_loss"))
+                      last_loss=(state or {}).get("extra", {}).get("train/last_loss"), trainable_params=trainable)
         session.bar = tqdm(total=tc.max_steps, initial=start_step, desc=section, unit="step",
                            disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
         return session
@@ -237,16 +253,41 @@ class Session:
         entries of the weights' header (a scalar head's kind, see model/heads.py). `weights` picks
         what model.safetensors holds from the full state dict (RL: the policy, not its critic).
         checkpoint=False: the stage wrote the final checkpoint itself, before changing the weights
-        after training (rm's normalisation), so a resume from it redoes that change once."""
+        after training (rm's normalisation), so a resume from it redoes that change once.
+        With LoRA the weights are merged (plain keys: later stages, export and chat need nothing
+        else) and `summary` gains train/trainable_params."""
         if checkpoint:
             self.checkpoint(self.tc.max_steps, extra)
         model_sd, _ = self.full_state_dicts()
+        if self.tc.lora_rank:
+            model_sd = merge_lora_state_dict(model_sd, self.tc.lora_alpha / self.tc.lora_rank)
+            summary["train/trainable_params"] = self.trainable_params
         if self.info.is_main:
             save_model(self.stage_dir, weights(model_sd) if weights else model_sd, self.config, metadata)
             write_summary(self.stage_dir, summary)
             if final_metrics:
                 self.logger.log(self.tc.max_steps, **final_metrics)
         self.logger.close()
+
+
+def check_same_lora(tc, section: str, state: dict, stage_dir: Path) -> None:
+    """Refuse to resume a checkpoint trained with other LoRA settings (rank and targets change the
+    tensors, alpha what they mean): a clear message instead of a state-dict mismatch."""
+    keys = ("lora_rank", "lora_alpha", "lora_targets")
+    saved = state.get("config", {}).get(section, {})
+    was = {k: saved.get(k, getattr(TrainConfig, k)) for k in keys}   # a checkpoint from before LoRA: off
+    now = {k: getattr(tc, k) for k in keys}
+
+    def adapters(d: dict):   # what decides the checkpoint's tensors and their meaning; None: no LoRA
+        targets = frozenset(t.strip() for t in d["lora_targets"].split(",") if t.strip())
+        return (d["lora_rank"], d["lora_alpha"], targets) if d["lora_rank"] else None
+
+    def show(d: dict) -> str:
+        return ", ".join(f"{k}={d[k]}" for k in keys)
+
+    if adapters(was) != adapters(now):
+        raise UserError(f"{section}: the checkpoint in {stage_dir} was trained with {show(was)}, this run asks for "
+                        f"{show(now)}; rerun with its settings to resume, or --fresh to start over")
 
 
 def resume_state(stage_dir: Path, fresh: bool, info: DistInfo) -> dict | None:

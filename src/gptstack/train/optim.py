@@ -8,7 +8,10 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """Decay the weight matrices of linear layers; not norms, not embeddings (decaying an
-    embedding row pulls rarely seen tokens to zero for no benefit), not biases."""
+    embedding row pulls rarely seen tokens to zero for no benefit), not biases. Frozen parameters
+    (LoRA's base weights) are left out. LoRA's A and B are decayed like any matrix, as HF's Trainer
+    (TRL + PEFT) decays every non-bias, non-norm parameter: the same weight_decay means the same
+    thing with or without PEFT, and here it pulls the update B @ A towards the base model."""
     decay, no_decay = [], []
     seen = set()
     for module in model.modules():
@@ -16,7 +19,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))  # tied weights appear twice
-            is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
+            is_matrix = isinstance(module, torch.nn.Linear) and name in ("weight", "lora_A", "lora_B")
             (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel per parameter for the whole update, on CUDA and CPU alike (on CPU much

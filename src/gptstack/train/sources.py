@@ -110,14 +110,14 @@ class Prompts:
                     warn(f"{data}: {len(long)} prompt(s) longer than {room} tokens (model.block_size "
                          f"{cfg.model.block_size} + 1 - {new} new tokens) skipped, lines {lines}")
                     items = [it for it, n in zip(items, sizes) if n <= room]
-            if ds.kind == "verifiable":
-                # about eval_prompts rows (at most 10 %) held out: the answer accuracy is measured on them
-                fraction = min(tc.eval_prompts, len(items) // 10) / len(items)
-                held = [is_heldout(it.messages, fraction) for it in items]
-                self.heldout = [it for it, h in zip(items, held) if h]
-                items = [it for it, h in zip(items, held) if not h]
-                if not items:
-                    raise UserError(f"{data}: every prompt is held out (the file repeats one prompt?): none to train on")
+            # about eval_prompts rows (at most 10 %) held out: the final evaluation samples them (the
+            # answer accuracy on a verifiable file; the RM's score against SFT's and the KL on any file)
+            fraction = min(tc.eval_prompts, len(items) // 10) / len(items)
+            held = [is_heldout(it.messages, fraction) for it in items]
+            self.heldout = [it for it, h in zip(items, held) if h]
+            items = [it for it, h in zip(items, held) if not h]
+            if not items:
+                raise UserError(f"{data}: every prompt is held out (the file repeats one prompt?): none to train on")
             self.items = items
 
     def draw(self, update: int, rank: int) -> list[Item]:

@@ -1,0 +1,96 @@
+"""Every architecture `import --from hf` accepts gives transformers' logits, in the training forward
+and in the sampling engine's decode forward, and exports back to the same family with the same
+logits: Llama with head_dim != hidden/heads, with attention and MLP biases, with linear and llama3
+RoPE scaling (transformers 5's rope_parameters and 4.x's rope_scaling), Qwen2 (q/k/v biases, tied
+embeddings), Mistral without a sliding window, and bf16 / fp16 checkpoints."""
+import json
+
+import pytest
+import torch
+
+from gptstack.engine.sampling import generate
+from gptstack.model.hf import export_hf, import_hf
+
+transformers = pytest.importorskip("transformers")
+
+V = 101
+BASE = dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+ARCHS = {
+    "llama-head_dim": ("llama", {"head_dim": 16}),                    # 4 x 16 != 48
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "llama-rope-llama3": ("llama", {"rope_parameters": LLAMA3}),
+    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2": ("qwen2", {"head_dim": 8}),
+    "mistral": ("mistral", {"sliding_window": None}),
+}
+CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def hf_model(family: str, extra: dict, seed: int = 0):
+    config_cls, model_cls = (getattr(transformers, n) for n in CLASSES[family])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**BASE, **extra}))
+    with torch.no_grad():  # transformers zero-initialises biases and sets norms to 1: make both visible
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def logits_diff(a, b, x) -> float:
+    with torch.no_grad():
+        return (a(x).logits - b(x)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_import_equals_transformers_and_exports_the_same_family(name, tmp_path):
+    family, extra = ARCHS[name]
+    hf = hf_model(family, extra)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = import_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, V, (2, 40))  # beyond llama3's original 16 positions
+    assert logits_diff(hf, model, x) <= 1e-4
+    # the engine's decode forward (norm folding, pair-ordered RoPE, biases after each matmul) samples
+    # exactly what transformers' greedy generate picks
+    prompt = [int(t) for t in x[0, :12]]
+    ours = generate(model, [prompt], max_new_tokens=20, n=1, temperature=0.0, seed=0)[0][0]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                             pad_token_id=0)[0, 12:].tolist()
+    assert ours.tokens == theirs
+    # export: the family it came from (Qwen2 stays Qwen2; Mistral without a window is Llama's layout)
+    export_hf(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert logits_diff(back, model, x) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_import_to_the_same_model(dtype, tmp_path):
+    hf = hf_model("qwen2", {"tie_word_embeddings": True}).to(dtype)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = import_hf(tmp_path / "hf").eval()   # fp32 copies of the half-precision weights
+    assert model.tok_emb.weight.dtype == torch.float32 and model.lm_head.weight is model.tok_emb.weight
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert logits_diff(reference, model, torch.randint(0, V, (2, 30))) <= 1e-4
+
+
+def test_rope_scaling_4x_key_is_read_like_rope_parameters(tmp_path):
+    # a config.json as transformers 4.x wrote it: rope_scaling with "type" / "rope_type", rope_theta beside it
+    hf = hf_model("llama", {"rope_parameters": LLAMA3})
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf/config.json"
+    cfg = json.loads(path.read_text())
+    params = cfg.pop("rope_parameters")
+    cfg.update(rope_theta=params.pop("rope_theta"), rope_scaling={**params, "type": params.pop("rope_type")})
+    path.write_text(json.dumps(cfg))
+    model = import_hf(tmp_path / "hf").eval()
+    assert model.config.rope_type == "llama3" and model.config.rope_original_context == 16
+    assert logits_diff(hf, model, torch.randint(0, V, (1, 50))) <= 1e-4

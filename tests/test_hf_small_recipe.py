@@ -1,0 +1,118 @@
+"""The hf-small recipe end to end on a user's model and files, as the README shows it:
+`gptstack run --recipe hf-small --set model.from_hf=DIR --set sft.data=FILE ...` imports a Qwen2
+model (q/k/v biases) that keeps its own ChatML template, then sft -> rm -> ppo -> grpo -> dpo with
+LoRA, each on the user's file; the export loads in transformers with the same logits and template.
+A run without the data keys stops before any work, naming them."""
+import json
+
+import pytest
+import torch
+
+from gptstack.cli import main
+from gptstack.rundir import load_stage
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+")
+CORPUS = "".join(f"What is {i} plus {i + 2}? It is {2 * i + 2}. The fox says hello {i} times.\n" for i in range(80))
+
+TINY = ["--set", "eval.limit=4", "--set", "eval.max_new_tokens=8",
+        "--set", "sft.max_steps=2", "--set", "sft.batch_size=2", "--set", "sft.grad_accum=1", "--set", "sft.warmup_steps=0",
+        "--set", "rm.max_steps=2", "--set", "rm.batch_size=2", "--set", "rm.norm_prompts=4", "--set", "rm.max_new_tokens=8",
+        "--set", "rm.warmup_steps=0",
+        "--set", "ppo.updates=1", "--set", "ppo.prompts_per_update=2", "--set", "ppo.max_new_tokens=8",
+        "--set", "ppo.eval_prompts=2", "--set", "ppo.minibatches=1",
+        "--set", "grpo.updates=1", "--set", "grpo.prompts_per_update=2", "--set", "grpo.samples_per_prompt=2",
+        "--set", "grpo.max_new_tokens=8", "--set", "grpo.eval_prompts=2",
+        "--set", "dpo.max_steps=2", "--set", "dpo.batch_size=2", "--set", "dpo.grad_accum=1", "--set", "dpo.warmup_steps=0",
+        "--set", "sft.threads=1", "--set", "rm.threads=1", "--set", "ppo.threads=1", "--set", "grpo.threads=1",
+        "--set", "dpo.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("user")
+    # Qwen2's tokenizer.json layout (NFC, its Split regex, ByteLevel): transformers loads a qwen2
+    # export with its own Qwen2Tokenizer, which rebuilds exactly this pipeline
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.normalizer = tokenizers.normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, eos_token="<|im_end|>",
+                                                  pad_token="<|endoftext|>")
+    model_dir = d / "qwen"
+    hf_tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
+
+    def write(name, rows):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d / name)
+
+    q = [f"What is {i} plus {i + 2}?" for i in range(40)]
+    files = {
+        "sft.data": write("chats.jsonl", [{"messages": [{"role": "user", "content": x},
+                                                        {"role": "assistant", "content": f"It is {2 * i + 2}."}]}
+                                          for i, x in enumerate(q)]),
+        "rm.prefs": write("prefs.jsonl", [{"prompt": [{"role": "user", "content": x}],
+                                           "chosen": [{"role": "assistant", "content": f"It is {2 * i + 2}."}],
+                                           "rejected": [{"role": "assistant", "content": "The fox says hello."}]}
+                                          for i, x in enumerate(q)]),
+        "grpo.reward": write("gsm8k.jsonl", [{"question": x, "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"}
+                                             for i, x in enumerate(q)]),
+    }
+    files["dpo.prefs"] = files["ppo.prompts"] = files["rm.prefs"]
+    return model_dir, files
+
+
+def test_hf_small_runs_every_stage_on_the_users_model_and_files(user_files, tmp_path):
+    model_dir, files = user_files
+    run = tmp_path / "run"
+    sets = [a for key, path in files.items() for a in ("--set", f"{key}={path}")]
+    assert main(["run", "--recipe", "hf-small", "--out", str(run), "--no-report",
+                 "--set", f"model.from_hf={model_dir}", *sets, *TINY]) == 0
+    for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "dpo"):
+        assert (run / stage / "summary.json").exists(), stage
+    assert not (run / "prefs").exists() and not (run / "overopt").exists()  # the recipe's stages only
+    assert json.loads((run / "pretrain/summary.json").read_text())["chat"] == "model"
+    sft = json.loads((run / "sft/summary.json").read_text())
+    assert sft["data/train_conversations"] > 0 and "heldout/loss" in sft and sft["train/trainable_params"] > 0
+    # no gold in a user's file: PPO reports the RM's score on held-out prompts beside SFT's, and the KL
+    ppo = json.loads((run / "ppo/summary.json").read_text())
+    assert {"eval/proxy_score", "eval/sft_proxy_score", "eval/kl_to_sft"} <= set(ppo) and "eval/accuracy" not in ppo
+    assert "eval/accuracy" in json.loads((run / "grpo/summary.json").read_text())  # the answers of grpo.reward's file
+    model, cfg, tok = load_stage(run / "dpo")
+    assert cfg.model.hf_family == "qwen2" and cfg.model.qkv_bias and tok.chat_template is not None
+    # the post-trained model goes back out as a Qwen2 with the ChatML template, same logits
+    assert main(["export", "--to", "hf", str(run / "dpo"), str(tmp_path / "out")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = tok.render_prompt([{"role": "user", "content": "What is 3 plus 5?"}])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert list(hf_tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 5?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)) == ids
+    with torch.no_grad():
+        diff = (hf(torch.tensor([ids])).logits[0] - model.eval()(torch.tensor([ids]))[0]).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_hf_small_without_the_data_keys_stops_before_any_work(user_files, tmp_path, capsys):
+    model_dir, _ = user_files
+    assert main(["run", "--recipe", "hf-small", "--out", str(tmp_path / "run"),
+                 "--set", f"model.from_hf={model_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.from_hf: set sft.data, rm.prefs, ppo.prompts, grpo.reward, dpo.prefs" in err
+    assert not (tmp_path / "run").exists()
