@@ -116,3 +116,28 @@ def test_hf_small_without_the_data_keys_stops_before_any_work(user_files, tmp_pa
     err = capsys.readouterr().err
     assert "error: model.from_hf: set sft.data, rm.prefs, ppo.prompts, grpo.reward, dpo.prefs" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_hf_small_under_torchrun(user_files, tmp_path):
+    """The README's GPU line on CPU: every rank runs the pipeline, rank 0 imports and writes, DDP
+    (gloo) trains each stage, one process group for all of them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model_dir, files = user_files
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = [a for key, path in files.items() for a in ("--set", f"{key}={path}")]
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            "-m", "gptstack.cli", "run", "--recipe", "hf-small", "--out", str(tmp_path / "run"),
+            "--set", f"model.from_hf={model_dir}", *sets, *TINY]
+    done = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "dpo"):
+        assert (tmp_path / "run" / stage / "summary.json").exists(), stage
+    assert (tmp_path / "run/report.md").exists()
+    assert done.stdout.count("[2/6] sft: starting") == 1   # rank 0 speaks

@@ -99,6 +99,18 @@ def _configured(cfg: Config, key: str) -> bool:
     return bool(value) and not (key == "grpo.reward" and value == "gold")
 
 
+def _wait_for_rank0() -> None:
+    """Under torchrun every rank runs the pipeline, and rank 0 alone writes a stage's summary.json:
+    the others wait for it before they look (a rank that looked early took a finished stage for a
+    stopped one and left the next stage's collectives hanging)."""
+    import torch.distributed
+
+    from .train.dist import init_distributed
+
+    if init_distributed().enabled:
+        torch.distributed.barrier()
+
+
 def parse_stages(spec: str | None) -> list[str]:
     if not spec:
         return list(STAGES)
@@ -130,26 +142,44 @@ def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = 
     run_dir = Path(out)
     chosen = parse_stages(stages or cfg.run.stages)
     check_user_data(cfg, chosen)
+    from .train.dist import cleanup, init_distributed, keep_process_group
+
+    info = init_distributed()
+    keep_process_group(True)   # one process group for every stage (train/dist.py)
+    try:
+        return _run(cfg, run_dir, chosen, report, info)
+    finally:
+        keep_process_group(False)
+        cleanup(info)
+
+
+def _run(cfg: Config, run_dir: Path, chosen: list[str], report: bool, info) -> dict:
+    def say(*args):
+        print0(*args, info=info)
+
     estimates = {s: cfg.run.eta.get(s) for s in chosen}   # None: the recipe gives no ETA for it
     todo = [s for s in chosen if not (run_dir / s / "summary.json").exists()]
     t0, spent, pace = time.perf_counter(), {}, 1.0   # pace: measured / estimated, over the stages run so far
     done_estimate = done_measured = 0.0
     for i, stage in enumerate(chosen, 1):
         if stage not in todo:
-            print0(f"[{i}/{len(chosen)}] {stage}: complete ({run_dir / stage / 'summary.json'}), skipped")
+            say(f"[{i}/{len(chosen)}] {stage}: complete ({run_dir / stage / 'summary.json'}), skipped")
             continue
-        print0(f"[{i}/{len(chosen)}] {stage}: starting ({_eta(estimates, todo[todo.index(stage):], pace)}"
-               f"elapsed {_fmt(time.perf_counter() - t0)})")
+        say(f"[{i}/{len(chosen)}] {stage}: starting ({_eta(estimates, todo[todo.index(stage):], pace)}"
+            f"elapsed {_fmt(time.perf_counter() - t0)})")
         t = time.perf_counter()
         result = _call(stage, cfg, run_dir)
+        _wait_for_rank0()
         spent[stage] = time.perf_counter() - t
         if not (run_dir / stage / "summary.json").exists():   # a stage stopped early (stop_at): resume later
-            print0(f"{stage}: stopped before finishing ({result}); run the same command again to continue")
+            say(f"{stage}: stopped before finishing ({result}); run the same command again to continue")
             return spent
         if estimates[stage]:   # the pace is measured on the stages that have an estimate
             done_estimate += estimates[stage]
             done_measured += spent[stage]
             pace = done_measured / done_estimate
+    if not info.is_main:   # rank 0 writes the run's files
+        return spent
     timings = run_dir / "run_times.json"
     if spent:
         old = json.loads(timings.read_text()) if timings.exists() else {}
@@ -158,6 +188,6 @@ def run(cfg: Config, out: str | Path, stages: str | None = None, report: bool = 
     if report:
         from .report import write_report
         md, html = write_report(run_dir, cfg.report)
-        print0(f"report: {md} and {html}")
-    print0(f"run: {len(spent)} stage(s) in {_fmt(time.perf_counter() - t0)}; {run_dir}")
+        say(f"report: {md} and {html}")
+    say(f"run: {len(spent)} stage(s) in {_fmt(time.perf_counter() - t0)}; {run_dir}")
     return spent

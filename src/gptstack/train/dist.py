@@ -74,6 +74,17 @@ def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+# `gptstack run` runs stage after stage in one process: it keeps one process group for all of them
+# (gloo cannot always set up a new one right after destroying the last), so a stage's cleanup
+# leaves it alone and the pipeline destroys it at the end
+_keep_group = False
+
+
+def keep_process_group(keep: bool) -> None:
+    global _keep_group
+    _keep_group = keep
+
+
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and dist.is_initialized() and not _keep_group:
         dist.destroy_process_group()
