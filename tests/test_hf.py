@@ -108,3 +108,24 @@ def test_import_refuses_what_it_cannot_reproduce_before_reading_weights(tmp_path
     (tmp_path / "hf/model.safetensors").write_bytes(b"not read")  # refused before any weight is read
     with pytest.raises(UserError, match=re.escape(field)):
         import_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("no-config", "config.json: not found (expected a HF model directory)"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type 'gemma': expected one of"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type: 'dynamic'"),
+])
+def test_cli_import_refuses_with_one_line_and_writes_nothing(tmp_path, capsys, edit, message):
+    from gptstack.cli import main
+
+    _tiny_llama().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "hf/config.json"
+    if edit == "no-config":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    capsys.readouterr()  # transformers' own progress bar
+    assert main(["import", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -94,3 +94,86 @@ def test_rope_scaling_4x_key_is_read_like_rope_parameters(tmp_path):
     model = import_hf(tmp_path / "hf").eval()
     assert model.config.rope_type == "llama3" and model.config.rope_original_context == 16
     assert logits_diff(hf, model, torch.randint(0, V, (1, 50))) <= 1e-4
+
+
+# --- every architecture through the post-training stages: import -> sft -> rm, dpo -> export --------
+
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+")
+CORPUS = "".join(f"What is {i} plus {i + 2}? It is {2 * i + 2}. The fox says hello {i} times.\n" for i in range(80))
+QUESTIONS = [f"What is {i} plus {i + 2}?" for i in range(24)]
+STAGE_SETS = ["--recipe", "micro", "--set", "eval.limit=2", "--set", "eval.max_new_tokens=4"] + [
+    a for s in ("sft", "rm", "dpo") for kv in (f"{s}.max_steps=2", f"{s}.batch_size=2", f"{s}.warmup_steps=0",
+                                               f"{s}.threads=1") for a in ("--set", kv)] + [
+    "--set", "rm.norm_prompts=2", "--set", "rm.max_new_tokens=4"]
+
+
+def _user_dir(tmp_path, family: str, extra: dict, template: bool):
+    """A HF model directory as transformers saves it: this architecture, a byte-level BPE trained
+    here (with ChatML's specials and template, or a base model's tokenizer without one)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    if family == "qwen2":
+        # Qwen2's own layout (NFC, its Split regex, ByteLevel): transformers >= 5 loads a qwen2 directory
+        # with Qwen2Tokenizer, which rebuilds exactly this pipeline whatever tokenizer.json says
+        tok.normalizer = tokenizers.normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if template else ["<|endoftext|>"]
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML) if template else \
+        dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    d = tmp_path / "hf"
+    hf_tok.save_pretrained(d)
+    global BASE
+    saved, BASE = BASE, {**BASE, "vocab_size": len(hf_tok)}
+    try:
+        hf_model(family, extra).save_pretrained(d, safe_serialization=True)
+    finally:
+        BASE = saved
+    return d
+
+
+@pytest.mark.parametrize("name,lora", [(n, n.startswith("qwen2") or n == "llama-biases") for n in ARCHS])
+def test_each_architecture_post_trains_and_exports(name, lora, tmp_path):
+    from gptstack.cli import main
+    from gptstack.rundir import load_stage
+
+    family, extra = ARCHS[name]
+    template = family == "qwen2"   # Qwen keeps its own template; the base-model tokenizers get gptstack's chat tokens
+    src, run = _user_dir(tmp_path, family, extra, template), tmp_path / "run"
+    chats, prefs = tmp_path / "chats.jsonl", tmp_path / "prefs.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": f"It is {2 * i + 2}."}]}) + "\n"
+                             for i, q in enumerate(QUESTIONS)))
+    prefs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                         "chosen": [{"role": "assistant", "content": f"It is {2 * i + 2}."}],
+                                         "rejected": [{"role": "assistant", "content": "The fox."}]}) + "\n"
+                             for i, q in enumerate(QUESTIONS)))
+    lora_sets = [a for s in ("sft", "rm", "dpo") for a in ("--set", f"{s}.lora_rank={4 if lora else 0}")]
+    assert main(["import", "--from", "hf", str(src), str(run)]) == 0
+    assert main(["sft", "--from", str(run / "pretrain"), "--data", str(chats), "--out", str(run), *STAGE_SETS, *lora_sets]) == 0
+    assert main(["rm", "--from", str(run / "sft"), "--prefs", str(prefs), "--out", str(run), *STAGE_SETS, *lora_sets]) == 0
+    assert main(["dpo", "--policy", str(run / "sft"), "--prefs", str(prefs), "--out", str(run), *STAGE_SETS, *lora_sets]) == 0
+    before, after = load_stage(run / "pretrain")[0], load_stage(run / "dpo")[0]
+    moved = [n for (n, a), b in zip(before.named_parameters(), after.parameters()) if not torch.equal(a, b)]
+    assert moved and (not lora or all("norm" not in n and "emb" not in n for n in moved))  # LoRA: only adapted matrices
+    assert main(["export", "--to", "hf", str(run / "dpo"), str(tmp_path / "out")]) == 0
+    model, cfg, tok = load_stage(run / "dpo")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
+    chat = [{"role": "user", "content": "What is 3 plus 5?"}]
+    ids = tok.render_prompt(chat)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert list(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)) == ids
+    with torch.no_grad():
+        assert (hf(torch.tensor([ids])).logits[0] - model.eval()(torch.tensor([ids]))[0]).abs().max().item() <= 1e-4
