@@ -99,3 +99,13 @@ def test_run_eta_is_a_table_of_stages_from_the_recipe(tmp_path):
     bad.write_text("[run.eta]\npretrain = 1\nrlhf = 2\n")
     with pytest.raises(UserError, match=r"r.toml: run.eta.rlhf: no such key; valid keys: run.eta.pretrain"):
         build_config(str(bad))
+
+
+def test_fsdp_is_refused_for_post_training_stages():
+    from gptstack.common import UserError
+    from gptstack.config import build_config
+
+    assert build_config("micro", sets=["pretrain.fsdp=true"]).pretrain.fsdp
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "prm"):
+        with pytest.raises(UserError, match=rf"^{stage}\.fsdp: only pretraining shards with FSDP"):
+            build_config("micro", sets=[f"{stage}.fsdp=true"])

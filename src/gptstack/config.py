@@ -529,6 +529,12 @@ def build_config(recipe: str = "tiny", overrides: dict | None = None, sets: list
     for f in dataclasses.fields(cfg):
         if isinstance(section := getattr(cfg, f.name), TrainConfig):
             section.check_lora(f.name)
+            if section.fsdp and f.name != "pretrain":
+                # a sharded model needs every rank in each forward; these stages evaluate on rank 0
+                # alone and sample through the engine's own forward over whole weights
+                raise UserError(f"{f.name}.fsdp: only pretraining shards with FSDP; {f.name} evaluates on rank 0 "
+                                "alone, which a sharded model cannot: use DDP (the default under torchrun), and "
+                                f"LoRA ({f.name}.lora_rank) for a model too large to replicate in full training state")
     cfg.log.wandb_module()  # a missing optional package stops the run here, before any work
     return cfg
 

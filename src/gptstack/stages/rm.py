@@ -131,9 +131,6 @@ def run(cfg: Config, source: str | Path, prefs: str | Path, out: str | Path, fre
     info = init_distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if tc.fsdp:
-        raise UserError("rm.fsdp: not supported for the reward model (its held-out evaluation and normalisation run "
-                        "on rank 0 alone, which a sharded model cannot); use DDP, the default under torchrun")
     source, run_dir = Path(source), Path(out)
     stage_dir = run_dir / STAGE
     policy, source_cfg, tok = load_stage(source, info.device)
