@@ -372,7 +372,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     tok_dir = stage.parent / "tokenizer"
     tok = Tokenizer.load(tok_dir) if (tok_dir / "gptstack.json").exists() else None
     export_hf(model, args.out, tok)
-    print(f"wrote {args.out}: LlamaForCausalLM.from_pretrained({str(args.out)!r})"
+    print(f"wrote {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
           + ("" if tok else " (no tokenizer found beside the stage)"), file=sys.stderr)
     return 0
 
@@ -680,17 +680,22 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(handler=cmd_sample)
 
     exp = commands.add_parser("export", help="export a stage's model to HF format", formatter_class=fmt,
-                              description="Write a directory that transformers.LlamaForCausalLM.from_pretrained "
-                                          "loads with the same logits, with the run's tokenizer.")
+                              description="Write a directory that transformers.AutoModelForCausalLM.from_pretrained "
+                                          "loads with the same logits (LlamaForCausalLM, or Qwen2ForCausalLM for a Qwen2 "
+                                          "import), with the run's tokenizer, its chat template and generation_config.json.")
     exp.add_argument("--to", choices=("hf",), default="hf", help="target format")
     exp.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
     exp.add_argument("out", metavar="OUT", help="output directory")
     exp.set_defaults(handler=cmd_export)
 
-    imp = commands.add_parser("import", help="import a local HF Llama checkpoint", formatter_class=fmt,
-                              description="Load a local Llama-architecture checkpoint (config.json + "
-                                          "*.safetensors) into gptstack as OUT/pretrain, and its byte-level BPE "
-                                          "tokenizer.json, where there is one, as OUT/tokenizer.")
+    imp = commands.add_parser("import", help="import a local HF Llama / Qwen2 / Mistral checkpoint", formatter_class=fmt,
+                              description="Load a local Llama, Qwen2/2.5, SmolLM or Mistral checkpoint (config.json + "
+                                          "*.safetensors, fp32/bf16/fp16, sharded or not) into gptstack as OUT/pretrain "
+                                          "with the same logits as transformers, and its byte-level BPE tokenizer.json, "
+                                          "where there is one, as OUT/tokenizer. What gptstack cannot reproduce (another "
+                                          "model_type, dynamic/yarn RoPE, a sliding window, ...) is refused naming the "
+                                          "field, before any weight is read. `gptstack run --set model.from_hf=DIR` "
+                                          "does the same as its first stage (recipe hf-small).")
     imp.add_argument("--from", dest="source", choices=("hf",), default="hf", help="source format")
     imp.add_argument("--chat", choices=("model", "gptstack", "none"), default=argparse.SUPPRESS,
                      help="model (the default when DIR's tokenizer has a chat template, as instruct models do: "
