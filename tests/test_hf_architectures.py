@@ -143,7 +143,8 @@ def _user_dir(tmp_path, family: str, extra: dict, template: bool):
     return d
 
 
-@pytest.mark.parametrize("name,lora", [(n, n.startswith("qwen2") or n == "llama-biases") for n in ARCHS])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("name", list(ARCHS))
 def test_each_architecture_post_trains_and_exports(name, lora, tmp_path):
     from gptstack.cli import main
     from gptstack.rundir import load_stage
