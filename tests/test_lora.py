@@ -267,6 +267,7 @@ def test_a_stopped_lora_run_resumes_exactly_and_other_settings_are_refused(tmp_p
                 assert out == {"stopped_at": 2}
                 state = torch.load(run / "sft/checkpoint/state.pt", weights_only=False)
                 lora_keys = [k for k in state["model"] if ".lora_" in k]
+                assert sorted(state["model"]) == sorted(lora_keys)   # the adapters only: no frozen weight
                 assert len(lora_keys) == 16   # 2 layers x 4 linears x (A, B), and their Adam moments
                 assert len(state["optimizer"]["state"]) == 16
                 with pytest.raises(UserError, match="was trained with lora_rank=4.*asks for lora_rank=8"):

@@ -59,10 +59,12 @@ def test_a_stub_reward_rises_within_a_few_dozen_updates(tmp_path, advantage):
     assert last > first + 1.0, (first, last)
 
 
-def test_resume_is_bit_exact_and_the_saved_model_is_the_policy(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["ppo.lora_rank=4", "ppo.lr=1e-2"]], ids=["full", "lora"])
+def test_resume_is_bit_exact_and_the_saved_model_is_the_policy(tmp_path, lora):
+    # LoRA: the checkpoint holds the policy's and the critic's adapters and the critic's head only
     for name in ("a", "b"):
         _make_run(tmp_path / name)
-    sets = SMALL + ["ppo.updates=4", "ppo.kl_target=1.0", "ppo.kl_coef=0.1"]
+    sets = SMALL + ["ppo.updates=4", "ppo.kl_target=1.0", "ppo.kl_coef=0.1", *lora]
     ppo.run(build_config("tiny", sets=sets), tmp_path / "a/sft", tmp_path / "a", rm_dir=tmp_path / "a/rm")
     stopped = ppo.run(build_config("tiny", sets=sets + ["ppo.stop_at=2"]), tmp_path / "b/sft", tmp_path / "b",
                       rm_dir=tmp_path / "b/rm")

@@ -44,16 +44,19 @@ class LoRALinear(nn.Linear):
     `.weight` (the base weight) or checks isinstance(m, nn.Linear) keeps working; the base's own
     weight (and bias) Parameter objects are kept, not copied."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         nn.Module.__init__(self)   # not nn.Linear.__init__: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        # A drawn on the CPU (a seeded CPU generator; the same draws whatever the device), then moved
+        a = nn.init.kaiming_uniform_(torch.empty(rank, base.in_features, dtype=kw["dtype"]), a=math.sqrt(5),
+                                     generator=generator)   # PEFT's init of A (nn.Linear's default)
+        self.lora_A = nn.Parameter(a.to(kw["device"]))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # PEFT's init of A (nn.Linear's default)
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +80,19 @@ def parse_targets(targets: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0) -> nn.Module:
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0,
+               seed: int | None = None) -> nn.Module:
     """Give every GPT inside `model` (the model itself, a ScalarModel's trunk, PPO's policy and
     critic) LoRA adapters on the `targets` linears of each block, in place, and freeze every other
     parameter of those GPTs (embeddings, norms, LM head, base weights). Parameters outside a GPT
     keep their requires_grad: a reward model's or critic's `head` (and `likelihood_coef`) must
-    still learn, as PEFT's modules_to_save keeps a classifier head trainable. -> `model`."""
+    still learn, as PEFT's modules_to_save keeps a classifier head trainable. `seed`: A's draws from
+    their own generator, so they do not depend on what the global RNG served before (a stopped
+    and resumed stage, or one run after another in a process, starts from the same adapters). -> `model`."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     names = parse_targets(targets)
+    generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     gpts = [m for m in model.modules() if isinstance(m, GPT)]
     if not gpts:
         raise ValueError(f"apply_lora: no GPT inside {type(model).__name__}")
@@ -97,7 +104,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, dropo
             for parent in (block.attn, block.mlp):
                 for name in names:
                     if hasattr(parent, name):   # qkv and proj live in attn, gate_up and down in mlp
-                        lora = LoRALinear(getattr(parent, name), rank, alpha, dropout).train(parent.training)
+                        lora = LoRALinear(getattr(parent, name), rank, alpha, dropout, generator).train(parent.training)
                         setattr(parent, name, lora)
     return model
 

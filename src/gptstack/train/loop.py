@@ -11,9 +11,10 @@ stage's checkpoint, the learning-rate schedule, gradient accumulation with the r
 sync, clipping, the NaN/inf guard, atomic checkpoints, metrics and the progress bar.
 
 LoRA (`<section>.lora_rank` > 0) is applied here, for every stage alike: adapters on the model's
-GPTs before wrapping, so the optimizer holds only the trainable parameters, checkpoints hold the
-adapters and their optimizer state (a resume is exact), the stage's own evaluation and sampling see
-the adapted model, and `finish` saves the merged plain weights.
+GPTs before wrapping, so the optimizer holds only the trainable parameters, checkpoints hold only
+the trainable tensors and their optimizer state (a resume, over the source stage's frozen weights,
+is exact), the stage's own evaluation and sampling see the adapted model, and `finish` saves the
+merged plain weights.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class Session:
             check_same_lora(tc, section, state, stage_dir)
         trainable = None
         if tc.lora_rank:
-            apply_lora(model, tc.lora_rank, tc.lora_alpha, lora_targets, tc.lora_dropout)
+            apply_lora(model, tc.lora_rank, tc.lora_alpha, lora_targets, tc.lora_dropout, seed=tc.seed)
             trainable, total = param_counts(model)
             print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
                    info=info)
@@ -90,8 +91,10 @@ class Session:
         optimizer = build_optimizer(train_model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         start_step = 0
         if state is not None:
+            # a LoRA checkpoint holds the trainable tensors only; the frozen ones are the source
+            # stage's, which the stage has just loaded (so the resume is still exact)
             set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
+                           options=StateDictOptions(full_state_dict=True, strict=not tc.lora_rank))
             start_step = state["step"]
             set_rng_state(state["rng"])
             print0(f"resuming {stage_dir} from step {start_step}", info=info)
@@ -230,6 +233,9 @@ class Session:
     def checkpoint(self, step: int, extra: dict | None = None) -> None:
         """`extra`: the stage's own resumable state (e.g. RL's adaptive beta), back in state["extra"]."""
         model_sd, optim_sd = self.full_state_dicts()
+        if self.tc.lora_rank:  # adapters (and heads) only: an 8B base is not rewritten every checkpoint_every steps
+            frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
         if self.info.is_main:
             save_checkpoint(self.stage_dir, model_sd, optim_sd, step, self.config,
                             {**(extra or {}), "train/last_loss": self.last_loss})
