@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..common import UserError, atomic_write_bytes, atomic_write_json
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, rope_tables
 
 
 def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None = None,
@@ -226,14 +226,20 @@ def import_hf(directory: str | Path) -> GPT:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
-    sd = {k: v.float() for k, v in sd.items()}
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str) -> torch.Tensor:   # fp32, one tensor at a time (a bf16 checkpoint is not doubled whole)
         if name not in sd:
             raise UserError(f"{directory}: weight {name!r} missing from the safetensors files")
-        return sd.pop(name)
+        return sd.pop(name).float()
 
-    model = GPT(cfg)
+    # built without drawing an init every weight would overwrite (minutes for billions of them): on
+    # the meta device, then given uninitialised CPU memory, every parameter copied below
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight   # to_empty gives each module its own tensor
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.block_size)   # buffers: recomputed, not copied
     with torch.no_grad():
         model.tok_emb.weight.copy_(take("model.embed_tokens.weight"))
         model.norm.weight.copy_(take("model.norm.weight"))
