@@ -90,8 +90,8 @@ def test_import_reads_a_sharded_checkpoint_through_its_index(tmp_path):
 
 @pytest.mark.parametrize("edit, field", [
     # rope types gptstack does not compute as transformers does: refused, never approximated
-    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
-     "rope_parameters.rope_type: 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}},
+     "rope_parameters.rope_type: 'longrope'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
      "rope_scaling.rope_type: 'yarn'"),
     ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_type 'llama3' needs 'low_freq_factor'"),
@@ -113,7 +113,7 @@ def test_import_refuses_what_it_cannot_reproduce_before_reading_weights(tmp_path
 @pytest.mark.parametrize("edit, message", [
     ("no-config", "config.json: not found (expected a HF model directory)"),
     ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type 'gemma': expected one of"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type: 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type: 'yarn'"),
 ])
 def test_cli_import_refuses_with_one_line_and_writes_nothing(tmp_path, capsys, edit, message):
     from gptstack.cli import main

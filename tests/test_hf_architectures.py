@@ -1,7 +1,8 @@
 """Every architecture `import --from hf` accepts gives transformers' logits, in the training forward
 and in the sampling engine's decode forward, and exports back to the same family with the same
 logits: Llama with head_dim != hidden/heads, with attention and MLP biases, with linear and llama3
-RoPE scaling (transformers 5's rope_parameters and 4.x's rope_scaling), Qwen2 (q/k/v biases, tied
+RoPE scaling (transformers 5's rope_parameters and 4.x's rope_scaling), dynamic NTK RoPE within the
+context, Qwen2 (q/k/v biases, tied
 embeddings), Mistral without a sliding window, and bf16 / fp16 checkpoints."""
 import json
 
@@ -24,6 +25,8 @@ ARCHS = {
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "llama-rope-llama3": ("llama", {"rope_parameters": LLAMA3}),
     "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}}),
+    # dynamic NTK is the default within max_position_embeddings (64 here), all gptstack runs it on
+    "llama-rope-dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0}}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen2": ("qwen2", {"head_dim": 8}),
     "mistral": ("mistral", {"sliding_window": None}),
@@ -80,6 +83,19 @@ def test_half_precision_checkpoints_import_to_the_same_model(dtype, tmp_path):
     assert model.tok_emb.weight.dtype == torch.float32 and model.lm_head.weight is model.tok_emb.weight
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert logits_diff(reference, model, torch.randint(0, V, (2, 30))) <= 1e-4
+
+
+def test_dynamic_rope_is_refused_beyond_the_context(tmp_path):
+    from gptstack.common import UserError
+
+    hf_model("llama", ARCHS["llama-rope-dynamic"][1]).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = import_hf(tmp_path / "hf").eval()
+    assert model.config.rope_type == "dynamic" and model.config.block_size == 64
+    generate(model, [[1, 2, 3]], max_new_tokens=62, temperature=0.0)   # 64 positions: within
+    with pytest.raises(UserError, match="rope_type 'dynamic': 65 positions, beyond the model's context of 64"):
+        generate(model, [[1, 2, 3]], max_new_tokens=63, temperature=0.0)
+    with pytest.raises(UserError, match="rope_type 'dynamic'"):
+        model(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_rope_scaling_4x_key_is_read_like_rope_parameters(tmp_path):

@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common import UserError
 
-ROPE_TYPES = ("default", "linear", "llama3")
+
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 HF_FAMILIES = ("llama", "qwen2")
 
 
@@ -45,7 +47,7 @@ class GPTConfig:
     qkv_bias: bool = field(default=False, metadata={"help": "biases on the q/k/v projections (Qwen2; Llama's attention_bias)"})
     proj_bias: bool = field(default=False, metadata={"help": "a bias on the attention output projection (Llama's attention_bias)"})
     mlp_bias: bool = field(default=False, metadata={"help": "biases on the MLP projections (Llama's mlp_bias)"})
-    rope_type: str = field(default="default", metadata={"help": "default | linear (positions divided by rope_factor) | llama3 (Llama 3.1's frequency-dependent scaling)"})
+    rope_type: str = field(default="default", metadata={"help": "default | linear (positions divided by rope_factor) | llama3 (Llama 3.1's frequency-dependent scaling) | dynamic (NTK: the default within block_size, which is all gptstack runs it on)"})
     rope_factor: float = field(default=1.0, metadata={"range": "[1, inf)", "help": "linear / llama3 RoPE scaling factor"})
     rope_low_freq_factor: float = field(default=1.0, metadata={"range": "(0, inf)", "help": "llama3 RoPE: low_freq_factor"})
     rope_high_freq_factor: float = field(default=4.0, metadata={"range": "(0, inf)", "help": "llama3 RoPE: high_freq_factor"})
@@ -132,6 +134,9 @@ def inv_frequencies(config: GPTConfig, device=None) -> torch.Tensor:
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     if config.rope_type == "linear":  # positions / factor, i.e. every frequency / factor
         return inv_freq / config.rope_factor
+    # dynamic NTK changes the base only once a sequence is longer than the trained context, and then
+    # for every position of it (so a KV cache cannot follow): gptstack runs such a model only within
+    # block_size (= max_position_embeddings), where it is the default (`_extend_rope` refuses beyond)
     if config.rope_type == "llama3":
         # long wavelengths (> original context / low_freq_factor) slowed by `factor`, short ones (<
         # original context / high_freq_factor) kept, those between interpolated smoothly
@@ -144,6 +149,12 @@ def inv_frequencies(config: GPTConfig, device=None) -> torch.Tensor:
         medium = ~(wavelen < ctx / high) & ~(wavelen > ctx / low)
         return torch.where(medium, smoothed, scaled)
     return inv_freq
+
+
+def dynamic_rope_beyond(config: GPTConfig, positions: int) -> str:
+    return (f"model.rope_type 'dynamic': {positions} positions, beyond the model's context of {config.block_size} "
+            "(max_position_embeddings), where dynamic NTK RoPE rescales every position; gptstack runs such a "
+            "model within its context only (shorten the prompt or max_new_tokens)")
 
 
 def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +285,8 @@ class GPT(nn.Module):
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
     def _extend_rope(self, end: int, device) -> None:
+        if end > self.rope_cos.size(0) and self.config.rope_type == "dynamic":
+            raise UserError(dynamic_rope_beyond(self.config, end))
         if end > self.rope_cos.size(0):  # beyond the trained context (sampling long): extend the tables
             cos, sin = rope_tables(self.config, max(end, 2 * self.rope_cos.size(0)), device)
             self.rope_cos, self.rope_sin = cos, sin

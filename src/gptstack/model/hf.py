@@ -25,6 +25,8 @@ def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None =
     rope = None
     if cfg.rope_type == "linear":
         rope = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_type == "dynamic":
+        rope = {"rope_type": "dynamic", "factor": cfg.rope_factor}
     elif cfg.rope_type == "llama3":
         rope = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
                 "high_freq_factor": cfg.rope_high_freq_factor,
@@ -124,9 +126,9 @@ FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_typ
 
 def _rope_settings(hf: dict, path: Path) -> dict:
     """GPTConfig's rope fields from rope_scaling (transformers 4.x) or rope_parameters (5.x). A rope
-    type gptstack does not compute exactly as transformers does is refused, never approximated:
-    'dynamic' rescales every position by the current sequence length once it passes the trained
-    context, which a KV cache cannot follow; yarn/longrope are not implemented."""
+    type gptstack does not compute exactly as transformers does is refused, never approximated
+    (yarn, longrope); 'dynamic' is imported as what it is within the trained context, the default,
+    and refused beyond it (model/gpt.py)."""
     found = {}
     for key in ("rope_parameters", "rope_scaling"):  # a config may carry both (one of them default)
         rope = hf.get(key) or {}
@@ -146,8 +148,8 @@ def _rope_settings(hf: dict, path: Path) -> dict:
     if kind == "default":
         return {"rope_theta": theta}
     try:
-        if kind == "linear":
-            return {"rope_theta": theta, "rope_type": "linear", "rope_factor": float(rope["factor"])}
+        if kind in ("linear", "dynamic"):
+            return {"rope_theta": theta, "rope_type": kind, "rope_factor": float(rope["factor"])}
         if kind == "llama3":
             return {"rope_theta": theta, "rope_type": "llama3", "rope_factor": float(rope["factor"]),
                     "rope_low_freq_factor": float(rope["low_freq_factor"]),
@@ -155,7 +157,7 @@ def _rope_settings(hf: dict, path: Path) -> dict:
                     "rope_original_context": int(rope["original_max_position_embeddings"])}
     except KeyError as e:
         raise UserError(f"{path}: {key}: rope_type {kind!r} needs {e.args[0]!r}") from None
-    raise UserError(f"{path}: {key}.rope_type: {kind!r} is not supported (default, linear and llama3 are)")
+    raise UserError(f"{path}: {key}.rope_type: {kind!r} is not supported (default, linear, llama3 and dynamic are)")
 
 
 def _read_hf_config(directory: Path) -> dict:

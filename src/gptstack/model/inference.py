@@ -19,7 +19,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .gpt import GPT, rope_tables
+from ..common import UserError
+from .gpt import GPT, dynamic_rope_beyond, rope_tables
 from .lora import merged_weight
 
 
@@ -168,6 +169,8 @@ class Decoder:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         # RoPE on adjacent pairs: one complex multiply by e^(i pos freq) (float32/64), or the
         # same rotation written out in real ops (half precision has no complex multiply)
+        if c.rope_type == "dynamic" and positions > c.block_size:
+            raise UserError(dynamic_rope_beyond(c, positions))
         cos, sin = rope_tables(c, positions, device)  # (positions, 1, hd), sin signed
         half = self.hd // 2
         self.complex_rope = dtype in (torch.float32, torch.float64)
