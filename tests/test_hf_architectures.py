@@ -114,10 +114,6 @@ def test_rope_scaling_4x_key_is_read_like_rope_parameters(tmp_path):
 
 # --- every architecture through the post-training stages: import -> sft -> rm, dpo -> export --------
 
-CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                 r"\s+(?!\S)|\s+")
 CORPUS = "".join(f"What is {i} plus {i + 2}? It is {2 * i + 2}. The fox says hello {i} times.\n" for i in range(80))
 QUESTIONS = [f"What is {i} plus {i + 2}?" for i in range(24)]
 STAGE_SETS = ["--recipe", "micro", "--set", "eval.limit=2", "--set", "eval.max_new_tokens=4"] + [
@@ -129,22 +125,11 @@ STAGE_SETS = ["--recipe", "micro", "--set", "eval.limit=2", "--set", "eval.max_n
 def _user_dir(tmp_path, family: str, extra: dict, template: bool):
     """A HF model directory as transformers saves it: this architecture, a byte-level BPE trained
     here (with ChatML's specials and template, or a base model's tokenizer without one)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = tokenizers.Tokenizer(models.BPE())
-    if family == "qwen2":
-        # Qwen2's own layout (NFC, its Split regex, ByteLevel): transformers >= 5 loads a qwen2 directory
-        # with Qwen2Tokenizer, which rebuilds exactly this pipeline whatever tokenizer.json says
-        tok.normalizer = tokenizers.normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
+    from hf_builders import CHATML, bpe_tokenizer
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if template else ["<|endoftext|>"]
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # a Qwen2 directory in Qwen2's own tokenizer layout (transformers >= 5 rebuilds it for any qwen2 directory)
+    tok = bpe_tokenizer(CORPUS, 300, specials, layout="qwen2" if family == "qwen2" else "bytelevel")
     roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML) if template else \
         dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **roles)

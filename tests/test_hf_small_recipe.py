@@ -13,12 +13,8 @@ from gptstack.rundir import load_stage
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+from hf_builders import CHATML, bpe_tokenizer  # noqa: E402
 
-CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                 r"\s+(?!\S)|\s+")
 CORPUS = "".join(f"What is {i} plus {i + 2}? It is {2 * i + 2}. The fox says hello {i} times.\n" for i in range(80))
 
 TINY = ["--set", "eval.limit=4", "--set", "eval.max_new_tokens=8",
@@ -37,17 +33,8 @@ TINY = ["--set", "eval.limit=4", "--set", "eval.max_new_tokens=8",
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("user")
-    # Qwen2's tokenizer.json layout (NFC, its Split regex, ByteLevel): transformers loads a qwen2
-    # export with its own Qwen2Tokenizer, which rebuilds exactly this pipeline
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.normalizer = tokenizers.normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # Qwen2's tokenizer.json layout: transformers loads a qwen2 export with its own Qwen2Tokenizer
+    tok = bpe_tokenizer(CORPUS, 300, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], layout="qwen2")
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, eos_token="<|im_end|>",
                                                   pad_token="<|endoftext|>")
     model_dir = d / "qwen"

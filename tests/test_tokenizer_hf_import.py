@@ -19,6 +19,8 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from hf_builders import bpe_tokenizer  # noqa: E402
+
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CORPUS = "".join(
@@ -89,21 +91,9 @@ def _llama3_spec() -> dict:
     }
 
 
-# Qwen2's pre-tokenizer regex (single digits, letters with one leading non-letter) and NFC normalizer
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                 r"\s+(?!\S)|\s+")
-
-
 def _qwen2_spec() -> dict:
     """Qwen2's layout: an NFC normalizer, a Split regex then ByteLevel without regex, specials after the vocabulary."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.normalizer = tokenizers.normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=700, show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = bpe_tokenizer(CORPUS, 700, layout="qwen2")
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     return json.loads(tok.to_str())
 

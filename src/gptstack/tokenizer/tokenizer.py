@@ -153,29 +153,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text -> ids. Special-token strings in `text` stay plain text (but `text_tokens`)."""
-        text = self.normalize(text)
-        if self._text_split is None:
-            return self._enc.encode_ordinary(text)
-        ids: list[int] = []
-        for k, piece in enumerate(self._text_split.split(text)):
-            if k % 2:
-                ids.append(self.special_tokens[piece])
-            elif piece:
-                ids += self._enc.encode_ordinary(piece)
-        return ids
+        return self._encode(self.normalize(text), self._text_split)
 
     def encode_with_specials(self, text: str) -> list[int]:
         """Text with every special-token string in it matched as that special (leftmost, then longest),
         the rest BPE: how HF tokenizes a rendered chat template. Only for text the chat template
         renders; everywhere else `encode` keeps special strings plain."""
-        text = self.normalize(text)
-        if not self.special_tokens:
-            return self._enc.encode_ordinary(text)
-        if self._all_split is None:
+        if self._all_split is None and self.special_tokens:
             self._all_split = re.compile("(" + "|".join(
                 re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+        return self._encode(self.normalize(text), self._all_split)
+
+    def _encode(self, text: str, specials: "re.Pattern | None") -> list[int]:
+        """BPE between the matches of `specials` (a capturing alternation of special strings), each
+        match its special's id."""
+        if specials is None:
+            return self._enc.encode_ordinary(text)
         ids: list[int] = []
-        for k, piece in enumerate(self._all_split.split(text)):
+        for k, piece in enumerate(specials.split(text)):
             if k % 2:
                 ids.append(self.special_tokens[piece])
             elif piece:
