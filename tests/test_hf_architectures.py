@@ -67,10 +67,10 @@ def test_import_equals_transformers_and_exports_the_same_family(name, tmp_path):
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                              pad_token_id=0)[0, 12:].tolist()
     assert ours.tokens == theirs
-    # export: the family it came from (Qwen2 stays Qwen2; Mistral without a window is Llama's layout)
+    # export: the family it came from
     export_hf(model, tmp_path / "out")
     cfg = json.loads((tmp_path / "out/config.json").read_text())
-    assert cfg["architectures"] == ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"]
+    assert cfg["architectures"] == [CLASSES[family][1]]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert logits_diff(back, model, x) <= 1e-4
 
@@ -172,7 +172,7 @@ def test_each_architecture_post_trains_and_exports(name, lora, tmp_path):
     assert main(["export", "--to", "hf", str(run / "dpo"), str(tmp_path / "out")]) == 0
     model, cfg, tok = load_stage(run / "dpo")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(hf).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
+    assert type(hf).__name__ == CLASSES[family][1]
     chat = [{"role": "user", "content": "What is 3 plus 5?"}]
     ids = tok.render_prompt(chat)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -681,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser("export", help="export a stage's model to HF format", formatter_class=fmt,
                               description="Write a directory that transformers.AutoModelForCausalLM.from_pretrained "
-                                          "loads with the same logits (LlamaForCausalLM, or Qwen2ForCausalLM for a Qwen2 "
-                                          "import), with the run's tokenizer, its chat template and generation_config.json.")
+                                          "loads with the same logits (the family imported: LlamaForCausalLM, "
+                                          "Qwen2ForCausalLM or MistralForCausalLM), with the run's tokenizer, its chat "
+                                          "template and generation_config.json.")
     exp.add_argument("--to", choices=("hf",), default="hf", help="target format")
     exp.add_argument("stage", metavar="RUN/STAGE", help="a stage directory with model.safetensors")
     exp.add_argument("out", metavar="OUT", help="output directory")

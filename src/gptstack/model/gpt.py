@@ -25,7 +25,7 @@ from ..common import UserError
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
-HF_FAMILIES = ("llama", "qwen2")
+HF_FAMILIES = ("llama", "qwen2", "mistral")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GPTConfig:
     rope_high_freq_factor: float = field(default=4.0, metadata={"range": "(0, inf)", "help": "llama3 RoPE: high_freq_factor"})
     rope_original_context: int = field(default=8192, metadata={"range": "[1, inf)", "help": "llama3 RoPE: original_max_position_embeddings"})
     from_hf: str = field(default="", metadata={"help": "`gptstack run`: a local Hugging Face model directory imported as RUN/pretrain (with its tokenizer) instead of pretraining; its sizes replace the ones above"})
-    hf_family: str = field(default="llama", metadata={"help": "the Hugging Face architecture export writes: llama | qwen2 (an import keeps its own)"})
+    hf_family: str = field(default="llama", metadata={"help": "the Hugging Face architecture export writes: llama | qwen2 | mistral (an import keeps its own)"})
 
     def __post_init__(self):
         self.validate()
@@ -73,6 +73,8 @@ class GPTConfig:
             raise ValueError(f"model.hf_family: expected one of {', '.join(HF_FAMILIES)}, got {self.hf_family!r}")
         if self.hf_family == "qwen2" and (self.proj_bias or self.mlp_bias or not self.qkv_bias):
             raise ValueError("model.hf_family 'qwen2' has q/k/v biases and no others (qkv_bias=true, proj_bias=mlp_bias=false)")
+        if self.hf_family == "mistral" and (self.qkv_bias or self.proj_bias or self.mlp_bias):
+            raise ValueError("model.hf_family 'mistral' has no biases")
         if self.hf_family == "llama" and self.qkv_bias != self.proj_bias:
             raise ValueError("model.hf_family 'llama' has biases on all of q/k/v/o or none (qkv_bias = proj_bias)")
 

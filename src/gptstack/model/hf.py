@@ -18,10 +18,14 @@ from ..common import UserError, atomic_write_bytes, atomic_write_json
 from .gpt import GPT, GPTConfig, rope_tables
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
 def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None) -> dict:
     """config.json for the family the model came from: `LlamaForCausalLM` (gptstack's own models and
-    Llama/Mistral/SmolLM imports) or `Qwen2ForCausalLM` (a Qwen2/2.5 import: q/k/v biases)."""
+    Llama/SmolLM imports), `Qwen2ForCausalLM` (a Qwen2/2.5 import: q/k/v biases) or
+    `MistralForCausalLM` (a Mistral import, without a sliding window)."""
     rope = None
     if cfg.rope_type == "linear":
         rope = {"rope_type": "linear", "factor": cfg.rope_factor}
@@ -32,7 +36,7 @@ def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None =
                 "high_freq_factor": cfg.rope_high_freq_factor,
                 "original_max_position_embeddings": cfg.rope_original_context}
     out = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.hf_family == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [ARCHITECTURES[cfg.hf_family]],
         "model_type": cfg.hf_family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
@@ -57,6 +61,8 @@ def llama_config(cfg: GPTConfig, bos_id: int | None = None, eos_id: int | None =
     }
     if cfg.hf_family == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    elif cfg.hf_family == "mistral":
+        out.update(sliding_window=None)
     else:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     return out
@@ -121,7 +127,7 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
     return out_dir
 
 
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> the family export writes
+FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # model_type -> the family export writes
 
 
 def _rope_settings(hf: dict, path: Path) -> dict:
