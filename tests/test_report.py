@@ -515,3 +515,24 @@ def test_report_of_a_real_micro_run(tmp_path):
     assert check_figure_tables(run, text) >= 60
     check_top_table(run, text)
     assert len(list(run.glob("report-*.png"))) == 11 and "<script" not in page.read_text()
+
+
+def test_a_run_on_users_files_says_what_was_measured_where(tmp_path):
+    """hf-small: an imported model, ppo on a prompts file (the RM's score beside SFT's, no world
+    figure), grpo on a verifiable file (accuracy on the file's answers): the claims compare nothing
+    measured on different sets, and the overview says where each figure comes from."""
+    run = make_run(tmp_path, stages=("pretrain", "sft", "rm", "ppo", "grpo"))
+    write(run / "pretrain/summary.json", {"imported_from": "/models/qwen", "chat": "model", "params": 494_000_000,
+                                          "vocab_size": 151_936, "added_specials": [], "architecture": "qwen2"})
+    write(run / "ppo/summary.json", {"eval/proxy_score": 0.42, "eval/sft_proxy_score": 0.1, "eval/kl_to_sft": 1.5,
+                                     "eval/heldout_prompts": 50, "updates": 100, "reward": "rm", "wall_seconds": 9.0})
+    grpo = json.loads((run / "grpo/summary.json").read_text())
+    write(run / "grpo/summary.json", {**grpo, "reward": "answer"})
+    md = write_report(run, CFG)[0].read_text()
+    rows = {r[0]: r for r in next(t for t in md_tables(md) if t[0][0] == "stage")[1:]}
+    assert rows["pretrain"][-1] == "imported from /models/qwen (qwen2, chat format: model)"
+    assert rows["ppo"][-1] == "proxy score 0.420 (SFT 0.100)"
+    assert "its file's held-out answers" in rows["grpo"][-1]
+    claims = {r[0]: r[3] for r in next(t for t in md_tables(md) if t[0][0] == "claim")[1:]}
+    assert claims["PPO > SFT"] == "not measured (PPO ran without a world evaluation (a prompts file))"
+    assert claims["GRPO > SFT"] == "not measured (GRPO measured on its own file's answers, not the world's eval set)"

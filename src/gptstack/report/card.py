@@ -246,10 +246,11 @@ def claim(name: str, a: tuple, b: tuple, strict: bool = True, pair: dict | None 
     The verdict is the test's, not the point estimates': a lead inside the noise is "not shown", not "yes".
     With a pairing the paired interval decides (the sharper test); without one, whether A's interval
     lies above B's."""
-    (la, va, ia), (lb, vb, ib) = a, b
+    (la, va, ia, *why_a), (lb, vb, ib, *why_b) = a, b
     if va is None or vb is None:
-        missing = " and ".join(l for l, v in ((la, va), (lb, vb)) if v is None)
-        return [name, f"{la}: {pct(va)}", f"{lb}: {pct(vb)}", f"not measured ({missing} not run)"]
+        missing = " and ".join(f"{l} {(why or ['not run'])[0]}" for l, v, why in ((la, va, why_a), (lb, vb, why_b))
+                               if v is None)
+        return [name, f"{la}: {pct(va)}", f"{lb}: {pct(vb)}", f"not measured ({missing})"]
     if ia is None or ib is None:
         sep = "no intervals"
     elif ia[0] > ib[1] or ib[0] > ia[1]:
@@ -347,7 +348,15 @@ def claims(s: dict[str, Stage], cfg: ReportConfig, notes: list[str] | None = Non
 
     def pol(name: str, prefix: str = "eval", label: str | None = None):
         st = s[name]
-        return (label or name.upper(), st.num(f"{prefix}/accuracy"), st.interval(f"{prefix}/accuracy_ci95"))
+        value = st.num(f"{prefix}/accuracy")
+        # a stage trained on a user's file has no world figure to compare: none (a prompts file), or
+        # the accuracy on the file's own held-out answers (grpo --reward FILE)
+        why = []
+        if st.ran and value is None:
+            why = ["ran without a world evaluation (a prompts file)"]
+        elif st.ran and prefix == "eval" and st.get("reward") == "answer":
+            value, why = None, ["measured on its own file's answers, not the world's eval set"]
+        return (label or name.upper(), value, st.interval(f"{prefix}/accuracy_ci95"), *why)
 
     out = [claim("SFT > base (few-shot)", pol("sft"), pol("sft", "base/eval", "base"))]
     bon = s["bon"]
@@ -371,6 +380,20 @@ def claims(s: dict[str, Stage], cfg: ReportConfig, notes: list[str] | None = Non
 # --- sections --------------------------------------------------------------------------------------------
 
 
+def policy_other(st: Stage) -> str:
+    """The overview's last column for a policy: the RM's score (beside SFT's on a prompts file, which
+    has no gold), and the held-out loss of sft on a user's file."""
+    out = []
+    if st.num("eval/proxy_score") is not None:
+        sft = st.num("eval/sft_proxy_score")
+        out.append(f"proxy score {number(st.num('eval/proxy_score'))}" + (f" (SFT {number(sft)})" if sft is not None else ""))
+    if st.num("heldout/loss") is not None:
+        out.append(f"held-out loss {number(st.num('heldout/loss'))} on its file")
+    if st.get("reward") == "answer":
+        out.append("accuracy: its file's held-out answers, not the world's eval set")
+    return "; ".join(out)
+
+
 def overview(s: dict[str, Stage], cfg: ReportConfig) -> Section:
     sec = Section("overview", "Overview")
     header = ["stage", "accuracy", "95 % interval", "gold reward", "KL to SFT", "wall time", "other"]
@@ -390,7 +413,7 @@ def overview(s: dict[str, Stage], cfg: ReportConfig) -> Section:
         elif name in POLICIES:
             rows.append([name, pct(st.num("eval/accuracy")), interval(st.interval("eval/accuracy_ci95")),
                          number(st.num("eval/gold_reward")), number(st.num("eval/kl_to_sft")), seconds(wall),
-                         f"proxy score {number(st.num('eval/proxy_score'))}" if st.num("eval/proxy_score") is not None else ""])
+                         policy_other(st)])
         elif name == "bon" and bon_pick(st, cfg.bon_n):
             r = bon_pick(st, cfg.bon_n)
             rows.append([f"bon (best-of-{r['n']})", pct(r["accuracy"]), interval(bon_interval(st, r)), number(r["gold"]),
@@ -404,7 +427,10 @@ def overview(s: dict[str, Stage], cfg: ReportConfig) -> Section:
             rows.append(row)
         else:
             label, key, fmt = other.get(name, ("", "", number))
-            rows.append([name, "—", "—", "—", "—", seconds(wall), f"{label} {fmt(st.num(key))}" if key and st.num(key) is not None else ""])
+            note = f"{label} {fmt(st.num(key))}" if key and st.num(key) is not None else ""
+            if name == "pretrain" and st.get("imported_from"):
+                note = f"imported from {st.get('imported_from')} ({st.get('architecture')}, chat format: {st.get('chat')})"
+            rows.append([name, "—", "—", "—", "—", seconds(wall), note])
     rows.append(["total", "", "", "", "", seconds(total), "sum of the stages' wall_seconds"])
     sec.table(header, rows)
     sec.text("Accuracy: greedy, on the world's fixed held-out eval set, with its 95 % Wilson interval; gold reward: "
