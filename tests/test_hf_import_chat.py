@@ -127,3 +127,41 @@ def test_resize_vocab_tied_keeps_old_logits():
     with torch.no_grad():
         torch.testing.assert_close(grown(ids)[..., :50], model(ids))
     torch.testing.assert_close(grown.tok_emb.weight[50:], model.tok_emb.weight.mean(0).expand(3, -1))
+
+
+@pytest.mark.parametrize("chat", ["gptstack", "model"])
+def test_a_checkpoint_padded_past_its_tokenizer(tmp_path, chat):
+    """Qwen2.5's layout: more embedding rows than tokenizer ids (151,936 for 151,665). The import keeps
+    the rows; gptstack's chat specials take padding rows, started at the mean of the tokenizer's rows;
+    the logits of every id equal transformers'; an id sampled from a padding row decodes as U+FFFD."""
+    template = "{% for m in messages %}<|begin_of_text|>{{ m.role }}: {{ m.content }}<|end_of_text|>{% endfor %}" \
+               "{% if add_generation_prompt %}<|begin_of_text|>assistant: {% endif %}"
+    hf_tok = _hf_tokenizer()
+    if chat == "model":
+        hf_tok.chat_template = template
+    n = len(hf_tok)
+    d = tmp_path / "hf"
+    hf_tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=n + 30, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    assert main(["import", "--from", "hf", str(d), str(tmp_path / "run"), "--chat", chat]) == 0
+    model, _, tok = load_stage(tmp_path / "run/pretrain")
+    assert model.config.vocab_size == n + 30 and tok.vocab_size == (n + 5 if chat == "gptstack" else n)
+    ids = [tok.bos_id, *tok.encode(CORPUS[:100])]
+    hf_logits = _hf_logits(d, ids)
+    if chat == "gptstack":   # the five specials sit in padding rows n .. n+4, the mean of rows 0 .. n-1
+        torch.testing.assert_close(model.tok_emb.weight[n:n + 5], model.tok_emb.weight[:n].mean(0).expand(5, -1))
+        torch.testing.assert_close(_our_logits(model, ids)[:, n + 5:], hf_logits[:, n + 5:], atol=1e-4, rtol=1e-4)
+        hf_logits = hf_logits[:, :n]
+    torch.testing.assert_close(_our_logits(model, ids)[:, : hf_logits.shape[1]], hf_logits, atol=1e-4, rtol=1e-4)
+    assert tok.decode([*tok.encode(" fox"), n + 29]) == " fox\ufffd"
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i + 1}?"},
+                                                     {"role": "assistant", "content": f"It is {2 * i + 1}."}]}) + "\n"
+                            for i in range(12)))
+    assert main(["sft", "--from", str(tmp_path / "run/pretrain"), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--recipe", "micro", "--set", "sft.max_steps=2", "--set", "sft.batch_size=2", "--set", "eval.limit=2",
+                 "--set", "eval.max_new_tokens=4", "--set", "sft.threads=1"]) == 0

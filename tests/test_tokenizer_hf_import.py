@@ -508,10 +508,11 @@ def test_cli_import_refuses_before_writing(built, llama_dir, tmp_path, capsys):
     assert main(["import", "--from", "hf", str(model_dir), str(tmp_path / "run")]) == 2
     assert f"{model_dir / 'tokenizer.json'}: normalizer" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    # a tokenizer with another number of ids than the model has embeddings
-    _copy_tokenizer(built["gpt2"][1], model_dir)
-    assert main(["import", "--from", "hf", str(model_dir), str(tmp_path / "run2")]) == 2
-    assert f"vocab_size is {built['llama3'][2].vocab_size}" in capsys.readouterr().err
+    # a tokenizer with more ids than the model has embeddings (fewer is a padded checkpoint: test_hf_import_chat)
+    small = _llama(tmp_path / "small", built["gpt2"][2].vocab_size - 1)
+    _copy_tokenizer(built["gpt2"][1], small)
+    assert main(["import", "--from", "hf", str(small), str(tmp_path / "run2")]) == 2
+    assert f"vocab_size is {built['gpt2'][2].vocab_size - 1}: the model has no rows" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
 
 

@@ -140,7 +140,9 @@ def load_model(stage_dir: str | Path, device: str = "cpu"):
 
 
 def check_vocab(model_vocab: int, tok, where) -> None:
-    if model_vocab != tok.vocab_size:
+    """The model needs a row for every id of the tokenizer; it may have more (an imported checkpoint
+    padded past its tokenizer: Qwen2.5's 151,936 rows for 151,665 ids)."""
+    if model_vocab < tok.vocab_size:
         raise UserError(f"{where}: the model has vocab_size {model_vocab} but the run's tokenizer has "
                         f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
 

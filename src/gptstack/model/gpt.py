@@ -401,21 +401,27 @@ class GPT(nn.Module):
         return out
 
 
-def resize_vocab(model: GPT, vocab_size: int) -> GPT:
-    """`model` with a vocabulary grown to `vocab_size` ids (a tokenizer that gained specials): the
-    existing rows of the embedding and (untied) LM head unchanged, so the logits of the old ids are
-    too, and each new row the mean of the existing rows (of the embedding; of the LM head). A new
-    GPT; config.vocab_size follows."""
+def resize_vocab(model: GPT, vocab_size: int, new_ids: list[int] | None = None, mean_of: int | None = None) -> GPT:
+    """`model` with rows for a tokenizer that gained specials: the vocabulary grown to `vocab_size`
+    ids where it is smaller, and the rows of `new_ids` (default: the grown ones) in the embedding and
+    (untied) LM head set to the mean of rows [0, mean_of) (default: all the old rows), so the logits
+    of the old ids are unchanged. `mean_of` matters for a checkpoint whose vocabulary is padded past
+    its tokenizer (Qwen2.5: 151,936 rows for 151,665 ids): the new specials take padding rows, and
+    their start is the mean of the trained rows only. A new GPT; config.vocab_size follows."""
     old = model.config.vocab_size
-    if vocab_size < old:
-        raise ValueError(f"resize_vocab: {vocab_size} < the model's {old} ids (it only grows)")
-    if vocab_size == old:
+    size = max(old, vocab_size)
+    new_ids = list(range(old, size)) if new_ids is None else list(new_ids)
+    if not new_ids and size == old:
         return model
-    cfg = GPTConfig(**{**asdict(model.config), "vocab_size": vocab_size})
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if max(new_ids, default=0) >= size:
+        raise ValueError(f"resize_vocab: new id {max(new_ids)} outside the {size} rows")
+    cfg = GPTConfig(**{**asdict(model.config), "vocab_size": size})
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def grow(w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([w, w.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)], dim=0)
+        w = torch.cat([w, w.new_zeros(size - old, w.size(1))], dim=0)
+        w[new_ids] = w[: mean_of or old].mean(dim=0, keepdim=True)
+        return w
 
     sd["tok_emb.weight"] = grow(sd["tok_emb.weight"])
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else grow(sd["lm_head.weight"])

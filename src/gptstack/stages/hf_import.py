@@ -49,15 +49,19 @@ def run(source: str | Path, out: str | Path, chat: str | None = None) -> dict:
     model.config.from_hf = str(source)
     added: list[str] = []
     if tok is not None:
-        if tok.vocab_size != model.config.vocab_size:  # as every stage checks (rundir.check_vocab)
+        # a checkpoint may have more rows than its tokenizer has ids (Qwen2.5 pads 151,665 ids to 151,936
+        # rows), never fewer (as every stage checks: rundir.check_vocab)
+        if tok.vocab_size > model.config.vocab_size:
             raise UserError(f"{source / 'tokenizer.json'}: {tok.vocab_size} ids (0..{tok.vocab_size - 1}), but "
-                            f"{source / 'config.json'} vocab_size is {model.config.vocab_size}; gptstack needs "
-                            "them equal")
+                            f"{source / 'config.json'} vocab_size is {model.config.vocab_size}: the model has no "
+                            "rows for the last ids")
         if chat == "gptstack":
-            # new specials after the largest id; the embedding and LM head grow to match (new
-            # rows: the mean of the old ones), so the logits of every old id stay as they were
+            # new specials after the largest id (in the padding rows where there are some); their rows
+            # in the embedding and LM head start at the mean of the tokenizer's rows, so the logits of
+            # every old id stay as they were
+            n = tok.vocab_size
             tok, added = tok.with_chat_specials()
-            model = resize_vocab(model, tok.vocab_size)
+            model = resize_vocab(model, tok.vocab_size, new_ids=[tok.special_tokens[s] for s in added], mean_of=n)
         with tempfile.TemporaryDirectory() as tmp:  # refused, before the stage is written, if RUN holds another
             tok.save(tmp)
             adopt_tokenizer(Path(tmp), run_dir, source_name=str(source / "tokenizer.json"))

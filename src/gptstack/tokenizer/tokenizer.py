@@ -184,7 +184,13 @@ class Tokenizer:
         return self._enc.encode_ordinary_batch([self.normalize(t) for t in texts], num_threads=num_threads or os.cpu_count() or 1)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self._enc.decode_bytes(list(ids))
+        """ids -> bytes; an id past the vocabulary (a padding row of an imported model, which sampling
+        can still pick) decodes as U+FFFD rather than failing."""
+        ids = list(ids)
+        if ids and max(ids) >= self.vocab_size:
+            known = self.vocab_size
+            return b"".join(self._enc.decode_bytes([i]) if i < known else "\ufffd".encode() for i in ids)
+        return self._enc.decode_bytes(ids)
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """ids -> text; bytes that are not valid UTF-8 (a token cut mid-character) become U+FFFD."""
