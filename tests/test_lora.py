@@ -323,3 +323,30 @@ def test_ddp_and_fsdp_train_the_adapters_as_one_process(tmp_path):
         assert final.keys() == finals[0].keys() and not any("lora" in k for k in final)
         for key, value in finals[0].items():
             torch.testing.assert_close(final[key], value, rtol=0, atol=1e-5)
+
+
+def test_without_adapters_is_the_base_model_sharing_its_frozen_tensors():
+    """PPO's and DPO's reference under LoRA: the SFT model, no second copy of its weights."""
+    from gptstack.model.heads import ScalarModel
+    from gptstack.model.lora import without_adapters
+
+    torch.manual_seed(0)
+    base = GPT(TINY).eval()
+    x = torch.randint(0, TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = base(x)
+    lora = randomize_adapters(apply_lora(copy.deepcopy(base), rank=4, alpha=8)).eval()
+    ref = without_adapters(lora)
+    assert not any(isinstance(m, LoRALinear) for m in ref.modules()) and not any(p.requires_grad for p in ref.parameters())
+    assert ref.layers[0].attn.qkv.weight is lora.layers[0].attn.qkv.weight       # shared, not copied
+    assert ref.tok_emb.weight.data_ptr() == lora.tok_emb.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), before, rtol=0, atol=0)
+        assert not torch.allclose(lora(x), before)
+    # a scalar model's trainable head is copied: training the head leaves the reference's alone
+    critic = apply_lora(ScalarModel(TINY, kind="value"), rank=4, alpha=8)
+    frozen_head = without_adapters(critic)
+    with torch.no_grad():
+        critic.head.weight.add_(1.0)
+    assert not torch.equal(frozen_head.head.weight, critic.head.weight)
+    assert frozen_head.trunk.tok_emb.weight is critic.trunk.tok_emb.weight

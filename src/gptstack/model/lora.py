@@ -109,6 +109,26 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, dropo
     return model
 
 
+def without_adapters(model: nn.Module) -> nn.Module:
+    """`model` as it was before its adapters, frozen, for evaluation: a copy whose frozen tensors are
+    the model's own (shared, no memory; LoRA never changes them), its LoRA layers plain linears over
+    them, and its other trainable tensors (a scalar head) copied. PPO's and DPO's reference under
+    LoRA: the SFT model without a second copy of its weights."""
+    import copy
+
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    out = copy.deepcopy(model, memo=dict(shared))
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                plain.weight = child.weight
+                if child.bias is not None:
+                    plain.bias = child.bias
+                setattr(parent, name, plain)
+    return out.requires_grad_(False).eval()
+
+
 def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
     """A full state dict with LoRA adapters (any prefix: `policy.layers.0.attn.qkv.lora_A`) ->
     the same keys a plain model has, each adapted weight W + scaling * B @ A. Pure: works on

@@ -46,6 +46,7 @@ from ..data.formats import Dataset, read_dataset, warn
 from ..data.split import is_heldout
 from ..engine.rollout import sequence_logprobs, summed_logprobs
 from ..eval import protocol
+from ..model.lora import without_adapters
 from ..tokenizer import Tokenizer
 from ..rundir import adopt_model, adopt_tokenizer, load_model, load_stage
 from ..train.dist import all_reduce_mean, cleanup, init_distributed, print0
@@ -309,7 +310,8 @@ def run(cfg: Config, policy: str | Path, prefs: str | Path, out: str | Path, fre
     # --- final evaluation, weights, summary --------------------------------------------------------
     summary: dict = {}
     if info.is_main:
-        reference, _ = load_model(policy_dir, info.device)  # the SFT model, for eval/kl_to_sft
+        # the SFT model, for eval/kl_to_sft (under LoRA: the policy's frozen weights without its adapters)
+        reference = without_adapters(model) if tc.lora_rank else load_model(policy_dir, info.device)[0]
         figures, samples = protocol.evaluate_policy(model, tok, cfg.world, cfg.eval, reference_model=reference)
         atomic_write_text(stage_dir / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         summary = {**figures, **(heldout_metrics() if len(heldout) else {}), **last_train, "steps": tc.max_steps,

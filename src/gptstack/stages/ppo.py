@@ -44,6 +44,7 @@ from ..eval.heldout import file_point, heldout_items, heldout_point
 from ..eval.problems import file_problem, greedy_accuracy
 from ..eval.rewards import Rewarder, gold_and_hacks, response_texts
 from ..model.heads import ScalarModel
+from ..model.lora import without_adapters
 from ..rundir import adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_model, load_stage
 from ..tokenizer import Tokenizer
 from ..train import rl
@@ -225,7 +226,8 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     # --- models and data, all checked before any rollout -------------------------------------------
     policy, policy_cfg, tok = load_stage(policy_dir, device)
     cfg = adopt_model(cfg, policy_cfg)
-    ref = load_stage(policy_dir, device)[0].eval().requires_grad_(False)
+    # the frozen SFT model; under LoRA the policy's own frozen weights without its adapters (below)
+    ref = None if tc.lora_rank else load_stage(policy_dir, device)[0].eval().requires_grad_(False)
     rm = critic = None
     if rm_dir is not None:
         check_same_tokenizer(policy_dir, rm_dir)
@@ -258,6 +260,8 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     session_tc = dataclasses.replace(tc, max_steps=tc.updates * per_update, stop_at=tc.stop_at * per_update,
                                      batch_size=mb_rows // tc.grad_accum)
     session = Session.start(session_tc, stage, model, stage_dir, info, cfg.to_dict(), state)
+    if ref is None:
+        ref = without_adapters(policy)
     saved = (state or {}).get("extra", {})
     kl_ctl = rl.AdaptiveKLController(tc.kl_coef, tc.kl_target or None, tc.kl_horizon)
     kl_ctl.value = saved.get("kl_coef", tc.kl_coef)
