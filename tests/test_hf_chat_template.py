@@ -317,3 +317,21 @@ def test_chat_model_without_a_template_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --chat model:") and "no chat template" in err[0]
     assert not run.exists()
+
+
+def test_mask_offsets_follow_the_normalized_text(tmp_path):
+    """Qwen2's tokenizer normalizes to NFC, which changes byte lengths ("e" + U+0301 -> "é"): the
+    assistant mask is found in the text as encoded, and the ids still equal transformers'."""
+    from hf_builders import CHATML, bpe_tokenizer
+
+    corpus = CORPUS + "Café crème, déjà vu.\n" * 20
+    tok = bpe_tokenizer(corpus, 400, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], layout="qwen2")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, eos_token="<|im_end|>",
+                                         pad_token="<|endoftext|>").save_pretrained(tmp_path)
+    ours = Tokenizer.from_huggingface(tmp_path).with_chat_template(read_chat_template(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": "Cafe\u0301 cre\u0300me?"}, {"role": "assistant", "content": "De\u0301ja\u0300 vu."},
+            {"role": "user", "content": "Encore?"}, {"role": "assistant", "content": "Cafe\u0301."}]
+    ids, mask = ours.render_conversation(chat)
+    assert ids == ids_of(hf.apply_chat_template(chat, tokenize=True))
+    assert masked_spans(ours, ids, mask) == ["Déjà vu.<|im_end|>", "Café.<|im_end|>"]

@@ -318,7 +318,9 @@ class Tokenizer:
                     f"chat template of {self.name}: not prefix-stable at messages[{i}] (rendering the chat up to "
                     "an assistant turn is not the start of rendering it further), so the assistant's tokens "
                     "cannot be found for the loss mask; this template cannot be used to train")
-            lo, hi = len(before.encode("utf-8")), len(upto.encode("utf-8"))
+            # offsets in the text as encoded (normalized: NFC changes byte lengths, never across the
+            # template's own markup between turns)
+            lo, hi = len(self.normalize(before).encode("utf-8")), len(self.normalize(upto).encode("utf-8"))
             span = [k for k, s in enumerate(starts) if lo <= s < hi]
             # through the turn's end token; what the template writes after it (ChatML's "\n") is 0
             last = max((k for k in span if ids[k] in ends), default=None)
