@@ -106,3 +106,22 @@ def test_packed_segments_give_each_sequence_its_outputs_alone():
             k += len(s)
     with pytest.raises(ValueError, match="segments"):
         model(row, segments=segments, pad_mask=torch.ones_like(row, dtype=torch.bool))
+
+
+def test_a_loaded_model_is_built_without_an_init_and_keeps_its_ties(tmp_path):
+    """rundir.load_model builds on the meta device and takes the file's tensors (no random init, no
+    second copy): tied heads are tied again (one Parameter, so training updates it once), RoPE
+    tables are computed, the logits equal the saved model's."""
+    from gptstack.config import Config
+    from gptstack.rundir import load_model, save_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, tie_embeddings=True)).eval()
+    save_model(tmp_path / "stage", model.state_dict(), Config(model=model.config).to_dict())
+    loaded, _ = load_model(tmp_path / "stage")
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .common import NonFiniteWeights, UserError, atomic_write_bytes, atomic_write_json, remove_stale_temps
 from .config import Config, config_from_dict
-from .model.gpt import GPT
+from .model.gpt import GPT, rope_tables
 from .model.heads import KINDS, ScalarModel, scalar_metadata, scalar_weights
 from .tokenizer import Tokenizer
 from .tokenizer.tokenizer import stored_identity
@@ -129,14 +129,27 @@ def load_model(stage_dir: str | Path, device: str = "cpu"):
         raise UserError(f"{stage_dir}: this is a {kind} model (a scalar head), not a language model")
     cfg = config_from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
     check_tokenizer_identity(stage_dir, cfg)
-    model = GPT(cfg.model)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
     state = load_file(str(weights), device=device)
     if cfg.model.tie_embeddings:
         state.setdefault("lm_head.weight", state["tok_emb.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), cfg
+    return _materialized(model, device), cfg
+
+
+def _materialized(model: torch.nn.Module, device) -> torch.nn.Module:
+    """A model built on the meta device and given the loaded tensors themselves (load_state_dict with
+    assign=True: no random init of weights about to be replaced, no second copy — what makes a
+    billion-parameter stage load in seconds): each GPT's tied head tied again to its embedding
+    (assign gives the two their own Parameters) and its RoPE tables (buffers, not saved) computed."""
+    for gpt in (m for m in model.modules() if isinstance(m, GPT)):
+        if gpt.config.tie_embeddings and gpt.lm_head is not None:
+            gpt.lm_head.weight = gpt.tok_emb.weight
+        gpt.rope_cos, gpt.rope_sin = rope_tables(gpt.config, gpt.config.block_size, device)
+    return model.to(device)
 
 
 def check_vocab(model_vocab: int, tok, where) -> None:
@@ -209,14 +222,15 @@ def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS
     check_tokenizer_identity(stage_dir, cfg)
     state = load_file(str(weights), device=device)
     start = state.get("response_start_id")
-    model = ScalarModel(cfg.model, found, lm_head=meta.get("gptstack_lm_head") == "true",
-                        response_start_id=None if start is None else int(start))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        model = ScalarModel(cfg.model, found, lm_head=meta.get("gptstack_lm_head") == "true",
+                            response_start_id=None if start is None else int(start))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if model.has_lm_head and cfg.model.tie_embeddings:   # stored once, as the embedding (scalar_weights)
         missing = [k for k in missing if k != "trunk.lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), cfg
+    return _materialized(model, device), cfg
 
 
 def adopt_model(cfg: Config, source: Config) -> Config:
