@@ -128,3 +128,23 @@ def test_hf_small_under_torchrun(user_files, tmp_path):
         assert (tmp_path / "run" / stage / "summary.json").exists(), stage
     assert (tmp_path / "run/report.md").exists()
     assert done.stdout.count("[2/6] sft: starting") == 1   # rank 0 speaks
+
+
+def test_stage_commands_read_the_data_keys_when_no_flag_is_given(monkeypatch, tmp_path, capsys):
+    """`gptstack rm|dpo --set <stage>.prefs=FILE`, `ppo|grpo --set <stage>.prompts=FILE` and
+    `grpo --set grpo.reward=FILE` run as their flags would; a flag wins; neither: one error line."""
+    from gptstack.stages import dpo, ppo, rm
+
+    calls = {}
+    monkeypatch.setattr(rm, "run", lambda cfg, src, prefs, out, **kw: calls.setdefault("rm", prefs))
+    monkeypatch.setattr(dpo, "run", lambda cfg, pol, prefs, out, **kw: calls.setdefault("dpo", prefs))
+    monkeypatch.setattr(ppo, "run", lambda cfg, pol, out, **kw: calls.setdefault(kw["stage"], (kw["reward"], kw["prompts"])))
+    out = str(tmp_path)
+    assert main(["rm", "--from", "R/sft", "--out", out, "--set", "rm.prefs=p.jsonl"]) == 0
+    assert main(["dpo", "--policy", "R/sft", "--out", out, "--prefs", "flag.jsonl", "--set", "dpo.prefs=p.jsonl"]) == 0
+    assert main(["grpo", "--policy", "R/sft", "--out", out, "--set", "grpo.reward=g.jsonl"]) == 0
+    assert main(["ppo", "--policy", "R/sft", "--rm", "R/rm", "--out", out, "--set", "ppo.prompts=q.jsonl"]) == 0
+    assert calls == {"rm": "p.jsonl", "dpo": "flag.jsonl", "grpo": ("answer", "g.jsonl"), "ppo": ("rm", "q.jsonl")}
+    capsys.readouterr()
+    assert main(["dpo", "--policy", "R/sft", "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == "error: --prefs (or dpo.prefs): required"

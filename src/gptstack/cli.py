@@ -151,10 +151,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _required(value, what: str):
+    if not value:
+        raise UserError(f"{what}: required")
+    return value
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     from .stages import dpo
 
-    dpo.run(_config(args), args.policy, args.prefs, args.out, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    cfg = _config(args)
+    dpo.run(cfg, args.policy, _required(args.prefs or cfg.dpo.prefs, "--prefs (or dpo.prefs)"), args.out,
+            fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
     return 0
 
 
@@ -180,7 +188,9 @@ def cmd_prefs(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from .stages import rm
 
-    rm.run(_config(args), args.source, args.prefs, args.out, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
+    cfg = _config(args)
+    rm.run(cfg, args.source, _required(args.prefs or cfg.rm.prefs, "--prefs (or rm.prefs)"), args.out, fresh=args.fresh,
+           skip_bad_rows=args.skip_bad_rows)
     return 0
 
 
@@ -195,10 +205,14 @@ def cmd_bon(args: argparse.Namespace) -> int:
 def cmd_rl(args: argparse.Namespace) -> int:
     from .stages import ppo
 
-    reward, prompts = getattr(args, "reward", None) or "rm", args.prompts
+    cfg = _config(args)
+    tc = getattr(cfg, args.stage)
+    # the flags, else the config's keys (grpo.reward, <stage>.prompts), as `gptstack run` reads them
+    reward = getattr(args, "reward", None) or getattr(tc, "reward", "rm")
+    prompts = args.prompts or tc.prompts or None
     if reward not in ("gold", "rm"):  # grpo --reward FILE: a verifiable file is both the prompts and the answers
         reward, prompts = "answer", reward
-    ppo.run(_config(args), args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=prompts,
+    ppo.run(cfg, args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=prompts,
             stage=args.stage, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
     return 0
 
@@ -517,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "each ranking; held-out accuracy, correct-vs-wrong accuracy and gold correlation; the reward "
                     "normalised to mean 0, std 1 on the SFT policy's responses. Writes RUN/rm.")
     rm_p.add_argument("--from", dest="source", required=True, metavar="RUN/sft", help="the model whose trunk starts the RM")
-    rm_p.add_argument("--prefs", required=True, metavar="FILE|RUN/prefs|FILE.sqlite",
-                      help="comparisons: a preference/ranking file, a prefs directory or a feedback store")
+    rm_p.add_argument("--prefs", default=None, metavar="FILE|RUN/prefs|FILE.sqlite",
+                      help="comparisons: a preference/ranking file, a prefs directory or a feedback store "
+                           "(default: the config's rm.prefs)")
     add_stage_args(rm_p)
     rm_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     rm_p.set_defaults(handler=cmd_rm)
@@ -540,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "pairs (dpo.pairs). Logs TRL's rewards/* and logps/* metrics, then runs the "
                                             "evaluation protocol with KL to the SFT model. Writes RUN/dpo.")
     dpo_p.add_argument("--policy", required=True, metavar="RUN/sft", help="the policy to start from (and reference)")
-    dpo_p.add_argument("--prefs", required=True, metavar="FILE|RUN/prefs",
-                       help="preferences: TRL prompt/chosen/rejected, hh-rlhf or ranking rows, or RUN/prefs")
+    dpo_p.add_argument("--prefs", default=None, metavar="FILE|RUN/prefs",
+                       help="preferences: TRL prompt/chosen/rejected, hh-rlhf or ranking rows, or RUN/prefs "
+                            "(default: the config's dpo.prefs)")
     add_stage_args(dpo_p)
     dpo_p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     dpo_p.set_defaults(handler=cmd_dpo)
@@ -583,13 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
         p_rl.add_argument("--rm", required=name != "grpo", default=None, metavar="RUN/rm",
                           help="the reward model (and the critic's initialisation)")
         if name == "grpo":
-            p_rl.add_argument("--reward", default="gold", metavar="gold|rm|FILE",
-                              help="gold: the world's gold reward; rm: the reward model (--rm); FILE: a "
+            p_rl.add_argument("--reward", default=None, metavar="gold|rm|FILE",
+                              help="(default: the config's grpo.reward, gold) gold: the world's gold reward; rm: the reward model (--rm); FILE: a "
                                    "verifiable file (GSM8K question/answer '#### n', or prompt + answer rows) "
                                    "whose prompts are trained on and whose final answers are checked; its last "
                                    "rows (<= 10 %%, grpo.eval_prompts) are held out for the answer accuracy")
         p_rl.add_argument("--prompts", default=None, metavar="FILE|world",
-                          help="training prompts (default: the world's); any prompt/chat/preference/GSM8K file")
+                          help=f"training prompts (default: the config's {name}.prompts, else the world's); any "
+                               "prompt/chat/preference/GSM8K file")
         add_stage_args(p_rl)
         p_rl.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
         p_rl.set_defaults(handler=cmd_rl, stage=name)
