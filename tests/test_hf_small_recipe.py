@@ -98,6 +98,8 @@ def test_hf_small_runs_every_stage_on_the_users_model_and_files(user_files, tmp_
 
 def test_hf_small_without_the_data_keys_stops_before_any_work(user_files, tmp_path, capsys):
     model_dir, _ = user_files
+    assert main(["run", "--recipe", "hf-small", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == "error: recipe hf-small: set model.from_hf (--set KEY=VALUE; run.needs)"
     assert main(["run", "--recipe", "hf-small", "--out", str(tmp_path / "run"),
                  "--set", f"model.from_hf={model_dir}"]) == 2
     err = capsys.readouterr().err

@@ -318,6 +318,7 @@ class RunConfig:
         "range": "[0, inf)", "keys": STAGES,
         "help": "expected seconds per stage, e.g. [run.eta] sft = 490 (a stage left out: no ETA)"})
     stages: str = field(default="", metadata={"help": "the stages `gptstack run` runs without --stages, comma-separated (empty = all, in pipeline order)"})
+    needs: str = field(default="", metadata={"help": "config keys the recipe needs set (comma-separated, e.g. model.from_hf): `gptstack run` stops before any stage, naming those left empty"})
 
 
 @dataclass

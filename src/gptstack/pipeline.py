@@ -81,6 +81,9 @@ USER_DATA = {"sft": ("sft.data",), "rm": ("rm.prefs",), "dpo": ("dpo.prefs",), "
 
 
 def check_user_data(cfg: Config, chosen: list[str]) -> None:
+    empty = [key for key in (k.strip() for k in cfg.run.needs.split(",")) if key and not _configured(cfg, key)]
+    if empty:
+        raise UserError(f"recipe {cfg.name}: set {', '.join(empty)} (--set KEY=VALUE; run.needs)")
     if not cfg.model.from_hf:
         return
     if "prefs" in chosen or "bon" in chosen or "overopt" in chosen or "prm" in chosen or "search" in chosen:
@@ -94,8 +97,11 @@ def check_user_data(cfg: Config, chosen: list[str]) -> None:
 
 
 def _configured(cfg: Config, key: str) -> bool:
-    section, name = key.split(".")
-    value = getattr(getattr(cfg, section), name)
+    section, _, name = key.partition(".")
+    try:
+        value = getattr(getattr(cfg, section), name)
+    except AttributeError:
+        raise UserError(f"run.needs: {key!r} is not a config key (expected section.key)") from None
     return bool(value) and not (key == "grpo.reward" and value == "gold")
 
 
