@@ -152,10 +152,11 @@ def _materialized(model: torch.nn.Module, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def check_vocab(model_vocab: int, tok, where) -> None:
+def check_vocab(model_vocab: int, tok, where, exact: bool = False) -> None:
     """The model needs a row for every id of the tokenizer; it may have more (an imported checkpoint
-    padded past its tokenizer: Qwen2.5's 151,936 rows for 151,665 ids)."""
-    if model_vocab < tok.vocab_size:
+    padded past its tokenizer: Qwen2.5's 151,936 rows for 151,665 ids), but for `exact` (pretraining
+    sizes its model by the tokenizer)."""
+    if model_vocab < tok.vocab_size or (exact and model_vocab != tok.vocab_size):
         raise UserError(f"{where}: the model has vocab_size {model_vocab} but the run's tokenizer has "
                         f"{tok.vocab_size} tokens; they must come from the same run (or use --fresh)")
 

@@ -94,7 +94,7 @@ def run(cfg: Config, out: str | Path, fresh: bool = False, skip_bad_rows: bool =
     tok = ensure_tokenizer(run_dir, cfg, corpus, info)
     cfg.model.vocab_size = tok.vocab_size
     if state is not None:
-        check_vocab(state["config"]["model"]["vocab_size"], tok, stage_dir / "checkpoint")
+        check_vocab(state["config"]["model"]["vocab_size"], tok, stage_dir / "checkpoint", exact=True)
     if info.is_main:
         splits = build_corpus(corpus.splits, corpus.fingerprint, tok, run_dir / "data")
     if info.enabled:
