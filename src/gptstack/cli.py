@@ -208,10 +208,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
     cfg = _config(args)
     tc = getattr(cfg, args.stage)
     # the flags, else the config's keys (grpo.reward, <stage>.prompts), as `gptstack run` reads them
-    reward = getattr(args, "reward", None) or getattr(tc, "reward", "rm")
-    prompts = args.prompts or tc.prompts or None
-    if reward not in ("gold", "rm"):  # grpo --reward FILE: a verifiable file is both the prompts and the answers
-        reward, prompts = "answer", reward
+    reward, prompts = ppo.reward_source(getattr(args, "reward", None) or getattr(tc, "reward", "rm"),
+                                        args.prompts or tc.prompts or None)
     ppo.run(cfg, args.policy, args.out, rm_dir=args.rm, reward=reward, prompts=prompts,
             stage=args.stage, fresh=args.fresh, skip_bad_rows=args.skip_bad_rows)
     return 0

@@ -28,19 +28,19 @@ def _call(stage: str, cfg: Config, run: Path) -> dict:
     from .stages import bon, dpo, ppo, prefs, pretrain, prm, rm, search, sft
 
     policy = run / "sft"
-    grpo_reward, grpo_prompts = _grpo_reward(cfg)
+    grpo_reward, grpo_prompts = ppo.reward_source(cfg.grpo.reward, _file(cfg.grpo.prompts))
     calls = {
         "pretrain": lambda: _import(cfg, run) if cfg.model.from_hf else pretrain.run(cfg, run),
         "sft": lambda: sft.run(cfg, run / "pretrain", run, data=_file(cfg.sft.data)),
         "prefs": lambda: prefs.run(cfg, policy, run),
-        "rm": lambda: rm.run(cfg, policy, cfg.rm.prefs or run / "prefs", run),
+        "rm": lambda: rm.run(cfg, policy, _file(cfg.rm.prefs) or run / "prefs", run),
         "bon": lambda: bon.run(cfg, policy, run / "rm", run),
         "ppo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="ppo", prompts=_file(cfg.ppo.prompts)),
         "overopt": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm", stage="overopt",
                                    prompts=_file(cfg.overopt.prompts)),
         "grpo": lambda: ppo.run(cfg, policy, run, rm_dir=run / "rm" if grpo_reward == "rm" else None,
                                 reward=grpo_reward, prompts=grpo_prompts, stage="grpo"),
-        "dpo": lambda: dpo.run(cfg, policy, cfg.dpo.prefs or run / "prefs", run),
+        "dpo": lambda: dpo.run(cfg, policy, _file(cfg.dpo.prefs) or run / "prefs", run),
         "prm": lambda: prm.run(cfg, policy, run),
         "search": lambda: search.run(cfg, policy, run / "prm", run, rm_dir=run / "rm"),
     }
@@ -48,15 +48,8 @@ def _call(stage: str, cfg: Config, run: Path) -> dict:
 
 
 def _file(value: str) -> str | None:
-    """A config's data key: empty (or "world") = the built-in world."""
+    """A config's data key: empty (or "world") = the built-in world's data (RUN/prefs for comparisons)."""
     return None if value in ("", "world") else value
-
-
-def _grpo_reward(cfg: Config) -> tuple[str, str | None]:
-    """grpo.reward gold | rm | FILE -> (the reward, the prompts): a verifiable file is both (as `grpo --reward FILE`)."""
-    if cfg.grpo.reward in ("gold", "rm"):
-        return cfg.grpo.reward, _file(cfg.grpo.prompts)
-    return "answer", cfg.grpo.reward
 
 
 def _import(cfg: Config, run: Path) -> dict:
@@ -75,7 +68,8 @@ def _import(cfg: Config, run: Path) -> dict:
 
 
 # a user's model (model.from_hf) learns from the user's data: each of these stages needs its key set
-# (to "world" for the built-in world, on purpose); checked before the first stage runs
+# (to "world" for the built-in world's — the world's stages, prefs to search, run on any model);
+# checked before the first stage runs
 USER_DATA = {"sft": ("sft.data",), "rm": ("rm.prefs",), "dpo": ("dpo.prefs",), "ppo": ("ppo.prompts",),
              "grpo": ("grpo.reward",)}
 
@@ -86,10 +80,6 @@ def check_user_data(cfg: Config, chosen: list[str]) -> None:
         raise UserError(f"recipe {cfg.name}: set {', '.join(empty)} (--set KEY=VALUE; run.needs)")
     if not cfg.model.from_hf:
         return
-    if "prefs" in chosen or "bon" in chosen or "overopt" in chosen or "prm" in chosen or "search" in chosen:
-        world = [s for s in chosen if s in ("prefs", "bon", "overopt", "prm", "search")]
-        raise UserError(f"model.from_hf: stages {','.join(world)} measure the built-in world's gold reward; "
-                        f"run them on a world run, or choose stages with --stages / run.stages")
     missing = [key for s in chosen for key in USER_DATA.get(s, ()) if not _configured(cfg, key)]
     if missing:
         raise UserError(f"model.from_hf: set {', '.join(missing)} (your data files: --set KEY=FILE; "

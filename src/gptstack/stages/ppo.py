@@ -206,6 +206,12 @@ def minibatch_loss(model_fn, exp: Experience, rows: torch.Tensor, tc: RLConfig, 
 # --- the loop ------------------------------------------------------------------------------------------
 
 
+def reward_source(reward: str, prompts: str | None) -> tuple[str, str | None]:
+    """`--reward` / grpo.reward gold | rm | FILE, and the prompts -> (reward, prompts): a verifiable
+    FILE is both the prompts and the answers they are checked against (reward "answer")."""
+    return (reward, prompts) if reward in ("gold", "rm") else ("answer", reward)
+
+
 def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path | None = None,
         reward: str = "rm", prompts: str | None = None, stage: str = "ppo", fresh: bool = False,
         skip_bad_rows: bool = False) -> dict:
