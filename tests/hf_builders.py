@@ -5,13 +5,12 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from gptstack.tokenizer.hf_import import QWEN2_PATTERN  # noqa: E402
+
 # ChatML as Qwen2.5 writes it, without its tool-calling branches and default system message
 CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
           "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
-# Qwen2's pre-tokenizer regex (single digits, letters with one leading non-letter)
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                 r"\s+(?!\S)|\s+")
 
 
 def bpe_tokenizer(corpus: str, vocab_size: int, specials=(), layout: str = "bytelevel"):

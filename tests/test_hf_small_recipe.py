@@ -150,3 +150,19 @@ def test_stage_commands_read_the_data_keys_when_no_flag_is_given(monkeypatch, tm
     capsys.readouterr()
     assert main(["dpo", "--policy", "R/sft", "--out", out]) == 2
     assert capsys.readouterr().err.strip() == "error: --prefs (or dpo.prefs): required"
+
+
+def test_a_qwen2_import_keeps_the_layout_transformers_rebuilds(user_files, tmp_path, capsys):
+    """The Qwen2 layout is recognised (no warning at export); a qwen2 model exported with another
+    pre-tokenizer gets a warning that transformers >= 5 would tokenize it differently."""
+    from gptstack.tokenizer import Tokenizer
+    from gptstack.tokenizer.hf_import import is_qwen2_layout
+
+    model_dir, _ = user_files
+    assert is_qwen2_layout(Tokenizer.from_huggingface(model_dir))
+    assert main(["import", "--from", "hf", str(model_dir), str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--to", "hf", str(tmp_path / "run/pretrain"), str(tmp_path / "out")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    plain = Tokenizer.train(CORPUS, 300, progress=False)
+    assert not is_qwen2_layout(plain)

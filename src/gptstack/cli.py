@@ -384,6 +384,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     tok_dir = stage.parent / "tokenizer"
     tok = Tokenizer.load(tok_dir) if (tok_dir / "gptstack.json").exists() else None
     export_hf(model, args.out, tok)
+    from .tokenizer.hf_import import is_qwen2_layout
+    if tok is not None and model.config.hf_family == "qwen2" and not is_qwen2_layout(tok):
+        print(f"warning: {args.out} is a qwen2 model directory, which transformers >= 5 tokenizes with "
+              "Qwen2Tokenizer (Qwen2's own normalizer and pre-tokenizer, whatever tokenizer.json says); this "
+              "run's tokenizer pre-tokenizes otherwise, so transformers' ids will differ from gptstack's",
+              file=sys.stderr)
     print(f"wrote {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
           + ("" if tok else " (no tokenizer found beside the stage)"), file=sys.stderr)
     return 0

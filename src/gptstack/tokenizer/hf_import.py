@@ -51,6 +51,17 @@ def digits_bytelevel_pattern(individual_digits: bool) -> str:
     return r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|" + digits + r"| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
 
+# Qwen2's pre-tokenizer regex, which transformers >= 5 rebuilds for every qwen2 model directory
+# (Qwen2Tokenizer), whatever its tokenizer.json says
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+")
+
+
+def is_qwen2_layout(tok) -> bool:
+    """Whether `tok` pre-tokenizes as Qwen2Tokenizer does (NFC, then Qwen2's Split regex)."""
+    return tok.normalizer == "nfc" and tok.pattern in (QWEN2_PATTERN, with_gaps(QWEN2_PATTERN))
+
+
 def with_gaps(pattern: str) -> str:
     """HF's Split (Isolated) keeps the text between matches as pieces of their own; tiktoken drops
     it. This regex matches what `pattern` matches, and else each maximal run of positions where
