@@ -193,3 +193,26 @@ def test_the_reference_forward_runs_only_when_a_kl_term_reads_it(tmp_path, monke
     assert len(updates) == 2
     assert (calls["ref"] > 0) == ref_used, calls
     assert all(("objective/kl" in r) == ref_used for r in updates)
+
+
+def test_under_lora_the_reward_model_is_the_critics_frozen_trunk_with_its_own_head(tmp_path):
+    """PPO + LoRA: the critic starts from the RM and keeps its trunk frozen, so the RM is that trunk
+    with the RM's saved head (stages/ppo.py), not a second copy; it scores as the RM loaded alone,
+    however the critic's head has moved."""
+    from gptstack.model.lora import apply_lora, without_adapters
+    from gptstack.rundir import load_scalar_head, load_scalar_model
+
+    _make_run(tmp_path)
+    alone, _ = load_scalar_model(tmp_path / "rm", "reward")
+    critic = apply_lora(load_scalar_model(tmp_path / "rm", "reward")[0], rank=4, alpha=8, seed=0)
+    with torch.no_grad():
+        critic.head.weight.add_(1.0)
+        for m in critic.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    rm = without_adapters(critic)
+    assert not rm.load_state_dict(load_scalar_head(tmp_path / "rm"), strict=False).unexpected_keys
+    assert rm.trunk.tok_emb.weight is critic.trunk.tok_emb.weight
+    ids = torch.randint(0, alone.config.vocab_size, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(rm.score(ids), alone.eval().score(ids), rtol=0, atol=0)

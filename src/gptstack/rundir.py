@@ -234,6 +234,15 @@ def load_scalar_model(stage_dir: str | Path, kind: str | tuple[str, ...] = KINDS
     return _materialized(model, device), cfg
 
 
+def load_scalar_head(stage_dir: str | Path, device: str = "cpu") -> dict:
+    """A scalar-head model's own tensors (head, likelihood coefficient, response-start id), without
+    its trunk: what turns another model sharing that trunk back into this one (PPO's RM beside a LoRA
+    critic started from it)."""
+    path = Path(stage_dir) / "model.safetensors"
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("trunk.")}
+
+
 def adopt_model(cfg: Config, source: Config) -> Config:
     """A copy of `cfg` whose model section is the source stage's (the sizes its weights have); the
     caller's Config is left as it was."""

@@ -45,7 +45,8 @@ from ..eval.problems import file_problem, greedy_accuracy
 from ..eval.rewards import Rewarder, gold_and_hacks, response_texts
 from ..model.heads import ScalarModel
 from ..model.lora import without_adapters
-from ..rundir import adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_model, load_stage
+from ..rundir import (adopt_model, adopt_tokenizer, check_same_tokenizer, load_scalar_head, load_scalar_model,
+                      load_stage)
 from ..tokenizer import Tokenizer
 from ..train import rl
 from ..train.sources import Item, Prompts, update_seed
@@ -235,10 +236,14 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     # the frozen SFT model; under LoRA the policy's own frozen weights without its adapters (below)
     ref = None if tc.lora_rank else load_stage(policy_dir, device)[0].eval().requires_grad_(False)
     rm = critic = None
+    # under LoRA a critic started from the RM keeps the RM's trunk frozen: the RM is then that trunk
+    # with the RM's own head (below), not a second copy of the weights
+    rm_from_critic = bool(tc.lora_rank) and tc.advantage == "gae" and rm_dir is not None
     if rm_dir is not None:
         check_same_tokenizer(policy_dir, rm_dir)
-        rm, _ = load_scalar_model(rm_dir, "reward", device)
-        rm.eval().requires_grad_(False)
+        if not rm_from_critic:
+            rm, _ = load_scalar_model(rm_dir, "reward", device)
+            rm.eval().requires_grad_(False)
     if tc.advantage == "gae":  # InstructGPT: the value function starts from the RM (else from the policy)
         critic = load_scalar_model(rm_dir, "reward", device)[0] if rm_dir else ScalarModel.from_policy(policy)
         critic.kind = "value"
@@ -268,6 +273,11 @@ def run(cfg: Config, policy_dir: str | Path, out: str | Path, rm_dir: str | Path
     session = Session.start(session_tc, stage, model, stage_dir, info, cfg.to_dict(), state)
     if ref is None:
         ref = without_adapters(policy)
+    if rm_from_critic:   # the critic's frozen trunk (the RM's) with the RM's head as saved, not as trained
+        rm = without_adapters(critic)
+        head = load_scalar_head(rm_dir, device)
+        assert not rm.load_state_dict(head, strict=False).unexpected_keys
+        rm.kind, rewarder.rm = "reward", rm
     saved = (state or {}).get("extra", {})
     kl_ctl = rl.AdaptiveKLController(tc.kl_coef, tc.kl_target or None, tc.kl_horizon)
     kl_ctl.value = saved.get("kl_coef", tc.kl_coef)
