@@ -166,3 +166,29 @@ def test_a_qwen2_import_keeps_the_layout_transformers_rebuilds(user_files, tmp_p
     assert "warning" not in capsys.readouterr().err
     plain = Tokenizer.train(CORPUS, 300, progress=False)
     assert not is_qwen2_layout(plain)
+
+
+def test_the_worlds_stages_serve_and_chat_run_on_a_template_run(user_files, tmp_path):
+    """An imported model with its own chat template through the stages the pipeline test leaves out:
+    prefs (the world's labeler ranks its samples), prm (steps and rollouts in the template's turns),
+    and the web app's chat, which stops at the template's end of turn."""
+    from fastapi.testclient import TestClient
+
+    from gptstack.config import build_config
+    from gptstack.serve.app import create_app
+
+    model_dir, files = user_files
+    run = tmp_path / "run"
+    micro = ["--recipe", "micro", "--set", "eval.limit=2", "--set", "eval.max_new_tokens=4"]
+    assert main(["import", "--from", "hf", str(model_dir), str(run)]) == 0
+    assert main(["sft", "--from", str(run / "pretrain"), "--data", files["sft.data"], "--out", str(run), *micro,
+                 "--set", "sft.max_steps=2", "--set", "sft.batch_size=2"]) == 0
+    assert main(["prefs", "--from", str(run / "sft"), "--out", str(run), *micro, "--set", "prefs.prompts=4",
+                 "--set", "prefs.max_new_tokens=8"]) == 0
+    assert json.loads((run / "prefs/summary.json").read_text())["prefs/pairs"] > 0
+    assert main(["prm", "--from", str(run / "sft"), "--out", str(run), *micro, "--set", "prm.prompts=4",
+                 "--set", "prm.max_steps=2", "--set", "prm.max_new_tokens=8"]) == 0
+    assert (run / "prm/summary.json").exists()
+    client = TestClient(create_app(run, build_config("micro"), allowed_hosts=("127.0.0.1",)), base_url="http://127.0.0.1")
+    r = client.post("/api/chat", json={"stage": "sft", "messages": [{"role": "user", "content": "What is 2 plus 4?"}]})
+    assert r.status_code == 200 and "event: done" in r.text
