@@ -31,7 +31,7 @@ def _call(stage: str, cfg: Config, run: Path) -> dict:
     grpo_reward, grpo_prompts = ppo.reward_source(cfg.grpo.reward, _file(cfg.grpo.prompts))
     calls = {
         "pretrain": lambda: _import(cfg, run) if cfg.model.from_hf else pretrain.run(cfg, run),
-        "sft": lambda: sft.run(cfg, run / "pretrain", run, data=_file(cfg.sft.data)),
+        "sft": lambda: sft.run(cfg, run / "pretrain", run),   # its data: sft.data, read by the stage
         "prefs": lambda: prefs.run(cfg, policy, run),
         "rm": lambda: rm.run(cfg, policy, _file(cfg.rm.prefs) or run / "prefs", run),
         "bon": lambda: bon.run(cfg, policy, run / "rm", run),
@@ -53,18 +53,12 @@ def _file(value: str) -> str | None:
 
 
 def _import(cfg: Config, run: Path) -> dict:
-    """model.from_hf in place of pretraining: rank 0 writes RUN/pretrain and RUN/tokenizer, the others
-    wait for it (under torchrun every rank runs the pipeline)."""
-    import torch.distributed
-
+    """model.from_hf in place of pretraining: rank 0 writes RUN/pretrain and RUN/tokenizer (the others
+    wait for it in `_wait_for_rank0`, as after every stage)."""
     from .stages import hf_import
     from .train.dist import init_distributed
 
-    info = init_distributed()
-    summary = hf_import.run(cfg.model.from_hf, run) if info.is_main else {}
-    if info.enabled:
-        torch.distributed.barrier()
-    return summary
+    return hf_import.run(cfg.model.from_hf, run) if init_distributed().is_main else {}
 
 
 # a user's model (model.from_hf) learns from the user's data: each of these stages needs its key set

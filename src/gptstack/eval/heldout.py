@@ -28,20 +28,24 @@ def heldout_items(world_config: world.WorldConfig, n: int) -> list[Problem]:
     return world_problems([tasks[(i * len(tasks)) // n] for i in range(min(n, len(tasks)))])
 
 
-def _sample(policy, ref, prompts: list[list[dict]], tok: Tokenizer, tc: "RLConfig", seed: int):
-    """T = 1 samples of the policy on `prompts` (tc.eval_samples each) and their mean KL(pi || pi_ref)."""
+def _sample(policy, prompts: list[list[dict]], tok: Tokenizer, tc: "RLConfig", seed: int):
+    """T = 1 samples of the policy on `prompts` (tc.eval_samples each)."""
     policy.eval()
-    batch = rollout(policy, [tok.render_prompt(m) for m in prompts], tc.eval_samples, tc.max_new_tokens,
-                    temperature=1.0, stop_ids=tok.turn_end_ids, seed=seed, truncate=True)
-    kl = (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
-    return batch, kl
+    return rollout(policy, [tok.render_prompt(m) for m in prompts], tc.eval_samples, tc.max_new_tokens,
+                   temperature=1.0, stop_ids=tok.turn_end_ids, seed=seed, truncate=True)
+
+
+def _kl(policy, ref, batch) -> float:
+    """Mean KL(pi || pi_ref) of the sampled responses (summed over their tokens)."""
+    return (token_logprobs(policy, batch)[0] - token_logprobs(ref, batch)[0]).sum(1).mean().item()
 
 
 @torch.no_grad()
 def heldout_point(policy, ref, rm: ScalarModel | None, items: list[Problem], tok: Tokenizer, tc: "RLConfig",
                   seed: int) -> dict:
     """Proxy (RM) and gold reward, accuracy and KL(pi || pi_ref) of T = 1 samples on held-out prompts."""
-    batch, kl = _sample(policy, ref, [it.messages for it in items], tok, tc, seed)
+    batch = _sample(policy, [it.messages for it in items], tok, tc, seed)
+    kl = _kl(policy, ref, batch)
     texts = response_texts(tok, batch)
     extra = gold_and_hacks(items, batch, texts)
     point = {"kl": kl, "d": math.sqrt(max(kl, 0.0)), "gold": extra["gold"].mean().item(),
@@ -61,10 +65,10 @@ def file_point(policy, ref, rm: ScalarModel | None, prompts: list[list[dict]], t
                seed: int) -> dict:
     """On held-out prompts of a user's file, where there is no gold: the RM's score of the policy's T = 1
     samples beside the reference's (SFT's) on the same prompts and seed, and the KL between them."""
-    batch, kl = _sample(policy, ref, prompts, tok, tc, seed)
-    out = {"eval/kl_to_sft": kl, "eval/heldout_prompts": len(prompts)}
+    batch = _sample(policy, prompts, tok, tc, seed)
+    out = {"eval/kl_to_sft": _kl(policy, ref, batch), "eval/heldout_prompts": len(prompts)}
     if rm is not None:
-        ref_batch, _ = _sample(ref, ref, prompts, tok, tc, seed)
+        ref_batch = _sample(ref, prompts, tok, tc, seed)
         out["eval/proxy_score"] = rm.score(batch.ids, pad_mask=batch.pad_mask).mean().item()
         out["eval/sft_proxy_score"] = rm.score(ref_batch.ids, pad_mask=ref_batch.pad_mask).mean().item()
     return out
